@@ -1,0 +1,1 @@
+"""blogpipe core: settings, schema, repositories, ports and adapters. Imports nothing else of ours."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: schema, engine, and the repositories that hide SQL from everything else."""

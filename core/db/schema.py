@@ -1,0 +1,176 @@
+"""The database schema as SQLAlchemy Core tables. Alembic migrations are the only way it changes;
+``tests/integration/test_migrations.py`` checks the migrations produce exactly this."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData()
+
+NOW = text("now()")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant", Text, nullable=False, server_default="default"),
+    Column("status", Text, nullable=False),
+    Column("current_stage", Text),
+    Column("progress_percentage", Float, nullable=False, server_default="0"),
+    Column("generation", Integer, nullable=False, server_default="1"),
+    Column("request", JSONB, nullable=False),
+    Column("result", JSONB),
+    Column("error_message", Text),
+    Column("error", JSONB),
+    Column("callback_url", Text),
+    Column("callback_events", JSONB),
+    Column("metadata", JSONB),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+    Index("ix_jobs_status_updated", "status", "updated_at"),
+)
+
+stage_runs = Table(
+    "stage_runs",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", Text, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("output", JSONB),
+    Column("error", Text),
+    Column("error_type", Text),
+    Column("provider", Text),
+    Column("model", Text),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("cost", Float, nullable=False, server_default="0"),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_stage_runs_job", "job_id", "stage", "generation"),
+    # Exactly one successful output per (job, stage, generation), whatever is redelivered.
+    Index(
+        "ux_stage_runs_succeeded",
+        "job_id",
+        "stage",
+        "generation",
+        unique=True,
+        postgresql_where=text("status = 'succeeded'"),
+    ),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("stage", Text, nullable=False),
+    Column("stage_number", Integer, nullable=False),
+    Column("total_stages", Integer, nullable=False),
+    Column("progress_percentage", Float, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("details", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_job_events_job", "job_id", "id"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("topic", Text, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_outbox_created", "created_at"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant", Text, nullable=False, server_default="default"),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("event_type", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("attempt_count", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_job", "job_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "delivery_id",
+        UUID(as_uuid=True),
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempt", Integer, nullable=False),
+    Column("trigger", Text, nullable=False, server_default="schedule"),
+    Column("url", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Column("response_excerpt", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_webhook_attempts_delivery", "delivery_id", "attempt"),
+)
+
+broker_subscriptions = Table(
+    "broker_subscriptions",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("topic", Text, nullable=False),
+    Column("max_delivery_attempts", Integer, nullable=False, server_default="5"),
+    Column("dead_letter_topic", Text),
+    Column("ack_deadline_seconds", Float, nullable=False, server_default="60"),
+    Column("min_backoff_seconds", Float, nullable=False, server_default="1"),
+    Column("max_backoff_seconds", Float, nullable=False, server_default="60"),
+    Index("ix_broker_subscriptions_topic", "topic"),
+)
+
+broker_messages = Table(
+    "broker_messages",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("subscription", Text, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("available_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_broker_messages_ready", "subscription", "available_at", "id"),
+)

@@ -1,0 +1,231 @@
+"""One typed settings object, read once from the environment.
+
+Defaults pick the embedded choice: no ``DATABASE_URL`` → embedded PostgreSQL, no
+Pub/Sub settings → the ``postgres`` broker, no Cloud Tasks settings → the ``local``
+task queue, no ``OPENAI_API_KEY`` → the ``offline`` LLM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from core.errors import ConfigError
+
+BrokerKind = Literal["postgres", "pubsub"]
+TaskQueueKind = Literal["local", "cloudtasks"]
+LLMKind = Literal["offline", "openai"]
+
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything blogpipe reads from its environment, validated."""
+
+    database_url: str | None = None
+    port: int = 8000
+    host: str = "127.0.0.1"
+    data_dir: Path = Path(".blogpipe")
+    broker: BrokerKind = "postgres"
+    task_queue: TaskQueueKind = "local"
+    llm: LLMKind = "offline"
+
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    offline_llm_delay: float = 0.0
+
+    pubsub_emulator_host: str | None = None
+    cloud_tasks_emulator_host: str | None = None
+    google_cloud_project: str = "blogpipe-local"
+    gcp_location: str = "europe-west1"
+    cloud_tasks_queue_name: str = "blog-generation-queue"
+    cloud_run_worker_url: str | None = None
+    cloud_run_service_name: str = "blog-writer-api-dev"
+    cloud_tasks_service_account: str | None = None
+    worker_audience: str | None = None
+    worker_allowed_service_accounts: tuple[str, ...] = ()
+    worker_shared_secret: str | None = None
+    pubsub_push_audience: str | None = None
+    pubsub_max_messages: int = 100
+
+    webhook_secret: str | None = None
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    webhook_timeout: float = 10.0
+
+    max_delivery_attempts: int = 5
+    stage_lease_seconds: float = 120.0
+    ack_deadline_seconds: float = 60.0
+    min_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 60.0
+    db_pool_size: int = 10
+    public_base_url: str | None = None
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def worker_url(self) -> str:
+        """Where Cloud Tasks POSTs jobs; the seed's Cloud Run URL unless set."""
+        if self.cloud_run_worker_url:
+            return self.cloud_run_worker_url
+        return (
+            f"https://{self.cloud_run_service_name}-{self.google_cloud_project}"
+            f".{self.gcp_location}.run.app/api/v1/blog/worker"
+        )
+
+    def with_changes(self, **changes: object) -> Settings:
+        """A copy with some fields replaced (tests and the dev command use it)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the environment; raise ConfigError naming the bad variable."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        project = reader.text("GOOGLE_CLOUD_PROJECT")
+        pubsub_host = reader.text("PUBSUB_EMULATOR_HOST")
+        tasks_host = reader.text("CLOUD_TASKS_EMULATOR_HOST")
+        api_key = reader.text("OPENAI_API_KEY")
+        default_broker = "pubsub" if (pubsub_host or project) else "postgres"
+        default_queue = "cloudtasks" if (tasks_host or project) else "local"
+        settings = cls(
+            database_url=reader.text("DATABASE_URL"),
+            port=reader.integer("PORT", 8000, minimum=0, maximum=65535),
+            host=reader.text("HOST") or "127.0.0.1",
+            data_dir=Path(reader.text("BLOGPIPE_DATA_DIR") or ".blogpipe"),
+            broker=reader.choice("BLOGPIPE_BROKER", ("postgres", "pubsub"), default_broker),  # type: ignore[arg-type]
+            task_queue=reader.choice(  # type: ignore[arg-type]
+                "BLOGPIPE_TASK_QUEUE", ("local", "cloudtasks"), default_queue
+            ),
+            llm=reader.choice(  # type: ignore[arg-type]
+                "BLOGPIPE_LLM", ("offline", "openai"), "openai" if api_key else "offline"
+            ),
+            openai_api_key=api_key,
+            openai_base_url=reader.text("OPENAI_BASE_URL"),
+            openai_model=reader.text("OPENAI_MODEL") or "gpt-4o-mini",
+            offline_llm_delay=reader.number("BLOGPIPE_OFFLINE_LLM_DELAY", 0.0, minimum=0.0),
+            pubsub_emulator_host=pubsub_host,
+            cloud_tasks_emulator_host=tasks_host,
+            google_cloud_project=project or "blogpipe-local",
+            gcp_location=reader.text("GCP_LOCATION") or "europe-west1",
+            cloud_tasks_queue_name=reader.text("CLOUD_TASKS_QUEUE_NAME") or "blog-generation-queue",
+            cloud_run_worker_url=reader.url("CLOUD_RUN_WORKER_URL"),
+            cloud_run_service_name=reader.text("CLOUD_RUN_SERVICE_NAME") or "blog-writer-api-dev",
+            cloud_tasks_service_account=reader.text("CLOUD_TASKS_SERVICE_ACCOUNT"),
+            worker_audience=reader.text("WORKER_OIDC_AUDIENCE"),
+            worker_allowed_service_accounts=reader.csv("WORKER_ALLOWED_SERVICE_ACCOUNTS"),
+            worker_shared_secret=reader.text("WORKER_SHARED_SECRET"),
+            pubsub_push_audience=reader.text("PUBSUB_PUSH_AUDIENCE"),
+            pubsub_max_messages=reader.integer("PUBSUB_MAX_MESSAGES", 100, minimum=1),
+            webhook_secret=reader.webhook_secret("WEBHOOK_SECRET"),
+            webhook_retry_schedule=reader.schedule(
+                "WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE
+            ),
+            webhook_timeout=reader.number("WEBHOOK_TIMEOUT", 10.0, minimum=0.1),
+            max_delivery_attempts=reader.integer("BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+            stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 120.0, minimum=1.0),
+            ack_deadline_seconds=reader.number("BLOGPIPE_ACK_DEADLINE", 60.0, minimum=1.0),
+            min_backoff_seconds=reader.number("BLOGPIPE_MIN_BACKOFF", 1.0, minimum=0.0),
+            max_backoff_seconds=reader.number("BLOGPIPE_MAX_BACKOFF", 60.0, minimum=0.0),
+            db_pool_size=reader.integer("BLOGPIPE_DB_POOL_SIZE", 10, minimum=1, maximum=500),
+            public_base_url=reader.url("BLOGPIPE_PUBLIC_URL"),
+            log_level=reader.choice(
+                "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
+            ),
+        )
+        if settings.llm == "openai" and not (settings.openai_api_key or settings.openai_base_url):
+            raise ConfigError("BLOGPIPE_LLM=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL)")
+        return settings
+
+
+class _Reader:
+    """Reads typed values and names the variable in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        return int(self._bounded(name, value, minimum, maximum))
+
+    def number(
+        self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if value != value:  # NaN
+            raise ConfigError(f"{name} must be a number, got {raw!r}")
+        return self._bounded(name, value, minimum, maximum)
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
+    ) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}; got {raw!r}")
+        return value
+
+    def csv(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+    def url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is not None and not raw.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        return raw
+
+    def webhook_secret(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is not None and not raw.startswith("whsec_"):
+            raise ConfigError(f"{name} must be a Standard Webhooks secret starting with 'whsec_'")
+        return raw
+
+    def schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            values = tuple(float(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be comma-separated seconds, got {raw!r}") from None
+        if not values or any(value < 0 for value in values):
+            raise ConfigError(f"{name} must list at least one non-negative number of seconds")
+        return values
+
+    @staticmethod
+    def _bounded(name: str, value: float, minimum: float | None, maximum: float | None) -> float:
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}, got {value}")
+        return value

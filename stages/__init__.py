@@ -1,0 +1,1 @@
+"""The four generation stages and the subscriber runner that wraps any of them."""
