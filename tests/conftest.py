@@ -13,7 +13,7 @@ from tests.support.database import DatabaseFactory, admin_url
 
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
-pytest_plugins = ["tests.support.emulators"]
+pytest_plugins = ["tests.support.pubsub_emulator", "tests.support.cloudtasks_emulator"]
 
 
 @pytest.fixture(scope="session")
