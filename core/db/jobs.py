@@ -1,0 +1,318 @@
+"""Jobs: create, read, list, and the status document clients poll."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.constants import STAGES, TOTAL_STAGES
+from core.requests import BlogRequest
+
+DEFAULT_ESTIMATE_SECONDS = 240.0
+_ESTIMATE_TTL = 30.0
+
+JOB_COLUMNS = (
+    "id, tenant, status, current_stage, progress_percentage, generation, request, result, "
+    "error_message, error, callback_url, callback_events, metadata, created_at, updated_at, "
+    "started_at, completed_at"
+)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A row of ``jobs``."""
+
+    id: UUID
+    tenant: str
+    status: str
+    current_stage: str | None
+    progress_percentage: float
+    generation: int
+    request: dict[str, Any]
+    result: dict[str, Any] | None
+    error_message: str | None
+    error: dict[str, Any] | None
+    callback_url: str | None
+    callback_events: list[str] | None
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobRecord:
+        return cls(**dict(row._mapping))
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """One progress event of a job (CONTRACT ``progress_updates`` item)."""
+
+    stage: str
+    stage_number: int
+    total_stages: int
+    progress_percentage: float
+    status: str
+    details: str | None
+    timestamp: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "stage_number": self.stage_number,
+            "total_stages": self.total_stages,
+            "progress_percentage": self.progress_percentage,
+            "status": self.status,
+            "details": self.details,
+            "timestamp": iso(self.timestamp),
+        }
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with the offset written out."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat()
+
+
+def encode_cursor(created_at: datetime, job_id: UUID) -> str:
+    raw = orjson.dumps([created_at.isoformat(), str(job_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """Raise ValueError on anything that is not a cursor we issued."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = orjson.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), UUID(job_id)
+    except Exception as exc:
+        raise ValueError("cursor is not valid") from exc
+
+
+class JobRepository:
+    """Reads and creates jobs; state transitions live in ``core.db.pipeline``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._estimate: tuple[float, float] | None = None
+
+    async def create(
+        self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
+    ) -> JobRecord:
+        """Store a new job."""
+        async with self.engine.begin() as conn:
+            return await self.insert(conn, request, tenant=tenant, status=status)
+
+    async def insert(
+        self,
+        conn: AsyncConnection,
+        request: BlogRequest,
+        *,
+        tenant: str = "default",
+        status: str = "queued",
+    ) -> JobRecord:
+        """Insert a job inside the caller's transaction."""
+        row = (
+            await conn.execute(
+                text(
+                    f"INSERT INTO jobs (id, tenant, status, request, callback_url, callback_events,"
+                    f" metadata) VALUES (:id, :tenant, :status, :request, :callback_url,"
+                    f" :callback_events, :metadata) RETURNING {JOB_COLUMNS}"
+                ).bindparams(),
+                {
+                    "id": uuid.uuid4(),
+                    "tenant": tenant,
+                    "status": status,
+                    "request": orjson.dumps(request.model_dump(mode="json")).decode(),
+                    "callback_url": request.callback_url,
+                    "callback_events": orjson.dumps(list(request.events)).decode()
+                    if request.callback_url
+                    else None,
+                    "metadata": orjson.dumps(request.metadata).decode()
+                    if request.metadata is not None
+                    else None,
+                },
+            )
+        ).one()
+        return JobRecord.from_row(row)
+
+    async def get(self, job_id: UUID, *, tenant: str | None = None) -> JobRecord | None:
+        """The job, or None when missing (or owned by another tenant)."""
+        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"
+        params: dict[str, Any] = {"id": job_id}
+        if tenant is not None:
+            query += " AND tenant = :tenant"
+            params["tenant"] = tenant
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(query), params)).first()
+        return JobRecord.from_row(row) if row else None
+
+    async def progress_updates(self, conn: AsyncConnection, job_id: UUID) -> list[ProgressUpdate]:
+        rows = await conn.execute(
+            text(
+                "SELECT stage, stage_number, total_stages, progress_percentage, status, details,"
+                " created_at AS timestamp FROM job_events WHERE job_id = :id ORDER BY id"
+            ),
+            {"id": job_id},
+        )
+        return [ProgressUpdate(**dict(row._mapping)) for row in rows]
+
+    async def status_document(
+        self, job_id: UUID, *, tenant: str | None = None
+    ) -> dict[str, Any] | None:
+        """The CONTRACT's ``JobStatusResponse`` for a job, or None if it is not found."""
+        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"
+        params: dict[str, Any] = {"id": job_id}
+        if tenant is not None:
+            query += " AND tenant = :tenant"
+            params["tenant"] = tenant
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(query), params)).first()
+            if row is None:
+                return None
+            job = JobRecord.from_row(row)
+            updates = await self.progress_updates(conn, job_id)
+            stages = await self._stage_summaries(conn, job_id)
+            estimate = await self._estimated_total(conn)
+        return status_document(job, updates, stages, estimate)
+
+    async def list(
+        self,
+        *,
+        tenant: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest first; pass the returned cursor to get the next page."""
+        clauses = []
+        params: dict[str, Any] = {"limit": limit + 1}
+        if tenant is not None:
+            clauses.append("tenant = :tenant")
+            params["tenant"] = tenant
+        if status is not None:
+            clauses.append("status = :status")
+            params["status"] = status
+        if cursor is not None:
+            created_at, last_id = decode_cursor(cursor)
+            clauses.append("(created_at, id) < (:c_created, :c_id)")
+            params.update(c_created=created_at, c_id=last_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT :limit"
+        async with self.engine.connect() as conn:
+            rows = [JobRecord.from_row(row) for row in await conn.execute(text(query), params)]
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+        return rows, next_cursor
+
+    async def _stage_summaries(self, conn: AsyncConnection, job_id: UUID) -> list[dict[str, Any]]:
+        rows = await conn.execute(
+            text(
+                "SELECT stage, generation, attempt, status, error, error_type, provider, model,"
+                " prompt_tokens, completion_tokens, cost, started_at, finished_at"
+                " FROM stage_runs WHERE job_id = :id ORDER BY id"
+            ),
+            {"id": job_id},
+        )
+        return [dict(row._mapping) for row in rows]
+
+    async def estimated_seconds(self) -> float:
+        """How long a job takes end to end, learned from recent runs."""
+        async with self.engine.connect() as conn:
+            return await self._estimated_total(conn)
+
+    async def _estimated_total(self, conn: AsyncConnection) -> float:
+        """Median run time of recent completed jobs, cached briefly; 240 s with no history."""
+        now = time.monotonic()
+        if self._estimate and now - self._estimate[1] < _ESTIMATE_TTL:
+            return self._estimate[0]
+        value = (
+            await conn.execute(
+                text(
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM"
+                    " completed_at - started_at)) FROM (SELECT completed_at, started_at FROM jobs"
+                    " WHERE status = 'completed' AND started_at IS NOT NULL"
+                    " ORDER BY completed_at DESC LIMIT 50) recent"
+                )
+            )
+        ).scalar()
+        estimate = float(value) if value is not None else DEFAULT_ESTIMATE_SECONDS
+        self._estimate = (estimate, now)
+        return estimate
+
+
+def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:
+    """One entry per stage: the latest attempt's status, attempts, timings, tokens, error."""
+    views = []
+    for stage in STAGES:
+        attempts = [run for run in runs if run["stage"] == stage]
+        if not attempts:
+            views.append({"stage": stage, "status": "pending", "attempts": 0})
+            continue
+        last = attempts[-1]
+        finished = last["finished_at"]
+        views.append(
+            {
+                "stage": stage,
+                "status": last["status"],
+                "generation": last["generation"],
+                "attempts": len([run for run in attempts if run["generation"] == last["generation"]]),
+                "started_at": iso(last["started_at"]),
+                "finished_at": iso(finished),
+                "duration_seconds": (finished - last["started_at"]).total_seconds()
+                if finished
+                else None,
+                "provider": last["provider"],
+                "tokens": last["prompt_tokens"] + last["completion_tokens"],
+                "cost": last["cost"],
+                "error": last["error"],
+                "error_type": last["error_type"],
+            }
+        )
+    return views
+
+
+def status_document(
+    job: JobRecord,
+    updates: list[ProgressUpdate],
+    runs: list[dict[str, Any]],
+    estimated_total: float = DEFAULT_ESTIMATE_SECONDS,
+) -> dict[str, Any]:
+    """Build the status object (shared by polling and webhooks)."""
+    remaining = None
+    if job.status == "processing":
+        remaining = round(max(1.0, estimated_total * (1 - job.progress_percentage / 100.0)), 1)
+    elif job.status in ("queued", "pending"):
+        remaining = round(estimated_total, 1)
+    return {
+        "job_id": str(job.id),
+        "status": job.status,
+        "progress_percentage": job.progress_percentage,
+        "current_stage": job.current_stage,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "completed_at": iso(job.completed_at),
+        "result": job.result,
+        "error_message": job.error_message,
+        "error": job.error,
+        "estimated_time_remaining": remaining,
+        "progress_updates": [update.to_json() for update in updates],
+        "stages": stage_views(runs, job.generation),
+        "generation": job.generation,
+        "total_stages": TOTAL_STAGES,
+        "metadata": job.metadata,
+        "updated_at": iso(job.updated_at),
+    }

@@ -1,0 +1,111 @@
+"""Hand-offs that survive crashes: the next message is written in the same transaction as
+the state change that causes it, then published after commit.
+
+With a broker that can enqueue inside our transaction (the ``postgres`` broker) the queue
+row itself is written there. Otherwise the message goes to the ``outbox`` table and is
+published right after commit; the relay republishes rows a crash left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.broker import Broker, Message
+
+logger = logging.getLogger("blogpipe.dispatch")
+
+
+class Dispatcher:
+    """Stages messages inside transactions and publishes them after commit."""
+
+    def __init__(self, engine: AsyncEngine, broker: Broker) -> None:
+        self.engine = engine
+        self.broker = broker
+        self.transactional = hasattr(broker, "publish_in_transaction")
+
+    async def stage(self, conn: AsyncConnection, topic: str, message: Message) -> int | None:
+        """Write ``message`` in ``conn``'s transaction; return an outbox id to flush, if any."""
+        if self.transactional:
+            await self.broker.publish_in_transaction(conn, topic, message)  # type: ignore[attr-defined]
+            return None
+        row = await conn.execute(
+            text(
+                "INSERT INTO outbox (topic, data, attributes) VALUES (:topic, :data, :attributes)"
+                " RETURNING id"
+            ),
+            {
+                "topic": topic,
+                "data": message.data,
+                "attributes": orjson.dumps(message.attributes).decode(),
+            },
+        )
+        return int(row.scalar_one())
+
+    async def flush(self, outbox_ids: Sequence[int | None]) -> int:
+        """Publish the given outbox rows now (after their transaction committed)."""
+        ids = [outbox_id for outbox_id in outbox_ids if outbox_id is not None]
+        if not ids:
+            return 0
+        return await self._publish_rows("id = ANY(:ids)", {"ids": ids})
+
+    async def relay_once(self, *, older_than: float = 2.0, limit: int = 200) -> int:
+        """Publish outbox rows left behind (a crash between commit and publish)."""
+        published = await self._publish_rows(
+            "created_at < now() - make_interval(secs => :age)",
+            {"age": older_than},
+            limit=limit,
+        )
+        if published:
+            logger.warning(
+                "Relay republished %d outbox message(s) left unpublished",
+                published,
+                extra={"action": "outbox_relayed", "count": published},
+            )
+        return published
+
+    async def run_relay(self, *, interval: float = 1.0, older_than: float = 2.0) -> None:
+        """Run the relay until cancelled."""
+        if self.transactional:
+            return
+        while True:
+            try:
+                await self.relay_once(older_than=older_than)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Outbox relay failed; retrying", extra={"action": "relay_error"})
+            await asyncio.sleep(interval)
+
+    async def _publish_rows(
+        self, where: str, params: dict[str, object], *, limit: int = 1000
+    ) -> int:
+        # Rows stay locked while they are published, so the relay and the normal path
+        # never publish the same row twice; a crash mid-publish leaves them for the relay.
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        f"SELECT id, topic, data, attributes FROM outbox WHERE {where}"
+                        f" ORDER BY id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED"
+                    ),
+                    params,
+                )
+            ).all()
+            if not rows:
+                return 0
+            await asyncio.gather(
+                *(
+                    self.broker.publish(row.topic, Message(bytes(row.data), dict(row.attributes)))
+                    for row in rows
+                )
+            )
+            await conn.execute(
+                text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": [row.id for row in rows]}
+            )
+        return len(rows)

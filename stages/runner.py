@@ -1,0 +1,164 @@
+"""The subscriber runner: wraps any stage in claim → run → commit → hand off.
+
+The broker delivers ``StageMessage``s; the runner decides what each means. A stale,
+duplicate or foreign message is acked and dropped. A retryable failure is recorded and
+nacked (the broker retries with backoff and dead-letters after the configured
+attempts); a permanent one fails the job at once. The dead-letter handler marks the
+job failed at the stage with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.broker import Delivery, Nack
+from core.constants import STAGE_PROGRESS
+from core.db.pipeline import Claim, PipelineStore, Skip, StageOutcome
+from core.errors import StageError
+from core.events import StageMessage
+from core.llm import LLM
+from core.requests import BlogRequest
+from core.settings import Settings
+from stages.base import Stage, StageInput, StageResult
+from stages.result import build_result
+
+logger = logging.getLogger("blogpipe.stages")
+
+
+class StageRunner:
+    """Runs one stage for every message on its subscription."""
+
+    def __init__(self, stage: Stage, store: PipelineStore, llm: LLM, settings: Settings) -> None:
+        self.stage = stage
+        self.store = store
+        self.llm = llm
+        self.settings = settings
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Handle one delivery: return to ack, raise ``Nack`` to retry."""
+        try:
+            message = StageMessage.from_bytes(delivery.data)
+        except Exception:
+            logger.error("Dropping malformed message %s on %s", delivery.message_id,
+                         delivery.subscription, extra={"action": "message_malformed"})
+            return
+        if message.stage != self.stage.name:
+            logger.error("Dropping %s message delivered to the %s stage", message.stage,
+                         self.stage.name, extra={"action": "message_misrouted"})
+            return
+        claim = await self.store.claim(message)
+        if isinstance(claim, Skip):
+            self._log_skip(message, claim)
+            if claim.reason == "leased":
+                # Another worker is running it now; look again when its lease would end.
+                raise Nack("stage run is leased by another worker", delay=claim.retry_after)
+            return
+        logger.info("Stage %s started for job %s (attempt %d)", self.stage.name, claim.job_id,
+                    claim.attempt, extra=self._extra(claim, "stage_started"))
+        started = time.monotonic()
+        try:
+            result = await self._run(claim)
+        except Exception as exc:
+            await self._failed(claim, exc, delivery)
+            return
+        outcome = StageOutcome(
+            output=_with_warnings(result),
+            provider=result.provider,
+            model=result.model,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            cost=result.usage.cost,
+        )
+        state = await self.store.complete(claim, outcome, finalize=build_result)
+        logger.info("Stage %s %s for job %s in %.3fs", self.stage.name, state, claim.job_id,
+                    time.monotonic() - started,
+                    extra=self._extra(claim, "stage_finished" if state == "committed" else "stage_discarded"))
+
+    async def handle_dead_letter(self, delivery: Delivery) -> None:
+        """A message exhausted its attempts: fail the job at this stage with the last error."""
+        try:
+            message = StageMessage.from_bytes(delivery.data)
+        except Exception:
+            logger.error("Dropping malformed dead letter %s", delivery.message_id,
+                         extra={"action": "dead_letter_malformed"})
+            return
+        last = await self.store.last_failure(message)
+        attempts = last.get("attempts") or delivery.attributes.get("x-delivery-attempts")
+        error = last.get("error") or "delivery attempts exhausted"
+        text = f"Stage {message.stage} failed after {attempts} attempt(s): {error}"
+        details = {"type": last.get("error_type") or "DeadLetter", "message": error,
+                   "attempts": int(attempts) if attempts else None, "stage": message.stage}
+        if await self.store.fail_job(message.job_id, message.generation, message.stage, text, details):
+            logger.error("Job %s dead-lettered at %s", message.job_id, message.stage,
+                         extra={"action": "stage_dead_lettered", "job_id": str(message.job_id)})
+
+    async def _run(self, claim: Claim) -> StageResult:
+        request = BlogRequest.model_validate(claim.request)
+        start, end = STAGE_PROGRESS[self.stage.name]
+
+        async def report(fraction: float, details: str) -> None:
+            fraction = min(1.0, max(0.0, fraction))
+            await self.store.report_progress(claim, round(start + (end - start) * fraction, 1), details)
+
+        stage_input = StageInput(request=request, outputs=claim.outputs, settings=self.settings,
+                                 job_id=claim.job_id, report=report)
+        heartbeat = asyncio.create_task(self._heartbeat(claim))
+        try:
+            return await self.stage.run(stage_input, self.llm)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, claim: Claim) -> None:
+        interval = max(0.5, self.store.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.heartbeat(claim)
+            except Exception:
+                logger.warning("Could not extend lease of job %s", claim.job_id,
+                               extra=self._extra(claim, "lease_extend_failed"))
+
+    async def _failed(self, claim: Claim, exc: Exception, delivery: Delivery) -> None:
+        retryable = _is_retryable(exc)
+        await self.store.record_failure(claim, exc, retryable=retryable)
+        if retryable:
+            logger.warning("Stage %s attempt %d failed for job %s: %s", self.stage.name,
+                           claim.attempt, claim.job_id, exc, extra=self._extra(claim, "stage_retry"))
+            raise Nack(f"{type(exc).__name__}: {exc}") from exc
+        text = f"Stage {self.stage.name} failed: {exc}"
+        details = {"type": type(exc).__name__, "message": str(exc), "attempts": claim.attempt,
+                   "stage": self.stage.name}
+        await self.store.fail_job(claim.job_id, claim.generation, self.stage.name, text, details)
+
+    def _log_skip(self, message: StageMessage, skip: Skip) -> None:
+        logger.info("Skipping %s message for job %s: %s", message.stage, message.job_id,
+                    skip.reason, extra={"action": f"message_{skip.reason}",
+                                        "job_id": str(message.job_id), "stage": message.stage})
+
+    def _extra(self, claim: Claim, action: str) -> dict[str, Any]:
+        return {"action": action, "job_id": str(claim.job_id), "stage": self.stage.name,
+                "generation": claim.generation, "attempt": claim.attempt}
+
+
+def _is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, StageError):
+        return exc.retryable
+    if isinstance(exc, ValidationError):
+        return True  # invalid structured output: another attempt may get it right
+    return True
+
+
+def _with_warnings(result: StageResult) -> dict[str, Any]:
+    if not result.warnings:
+        return result.output
+    output = dict(result.output)
+    output["warnings"] = list(dict.fromkeys([*output.get("warnings", []), *result.warnings]))
+    return output
