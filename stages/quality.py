@@ -1,0 +1,158 @@
+"""Quality checks of a finished article and the scores derived from them."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from stages.citations import REFERENCES_HEADING
+from stages.markdown_doc import CITATION, Heading, paragraphs
+
+_BOILERPLATE = re.compile(
+    r"\b(as an ai\b|as a(?:n ai)? language model|i(?:'m| am) (?:sorry|unable)|"
+    r"i cannot (?:help|assist|provide)|my knowledge cutoff|lorem ipsum|\[insert\b|"
+    r"\btodo\b:?|here is (?:the|your) (?:article|blog post))",
+    re.IGNORECASE,
+)
+_REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Issues found, one list per concern."""
+
+    citations: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    boilerplate: list[str] = field(default_factory=list)
+    length: list[str] = field(default_factory=list)
+    structure: list[str] = field(default_factory=list)
+
+    @property
+    def issues(self) -> list[str]:
+        """Every issue, in a stable order."""
+        return self.citations + self.duplicates + self.boilerplate + self.length + self.structure
+
+
+def _split_references(markdown: str) -> tuple[str, str]:
+    """Body and reference list (empty when there is none)."""
+    match = re.search(rf"^##\s+{REFERENCES_HEADING}\s*$", markdown, re.MULTILINE)
+    if not match:
+        return markdown, ""
+    return markdown[: match.start()], markdown[match.end() :]
+
+
+def check_citations(markdown: str) -> list[str]:
+    """Every ``[n]`` resolves to a reference, and every reference is cited."""
+    body, references = _split_references(markdown)
+    cited = {int(n) for match in CITATION.finditer(body) for n in match.group(1).split(",")}
+    listed = {int(n) for n in _REFERENCE_ITEM.findall(references)}
+    issues = [f"citation [{n}] has no reference" for n in sorted(cited - listed)]
+    issues += [f"reference {n} is never cited" for n in sorted(listed - cited)]
+    return issues
+
+
+def normalise_paragraph(paragraph: str) -> str:
+    """Lowercase words only, without citation markers: what "the same paragraph" means."""
+    return re.sub(r"\W+", " ", CITATION.sub("", paragraph).lower()).strip()
+
+
+def check_duplicates(markdown: str, min_chars: int = 40) -> list[str]:
+    """Paragraphs that appear more than once (ignoring case, punctuation and markers)."""
+    counts = Counter(
+        text
+        for text in (normalise_paragraph(p) for p in paragraphs(markdown))
+        if len(text) >= min_chars
+    )
+    return [f"duplicate paragraph ({n}x): {text[:60]}…" for text, n in counts.items() if n > 1]
+
+
+def check_boilerplate(markdown: str) -> list[str]:
+    """Phrases that betray an unedited LLM answer or a template."""
+    found = dict.fromkeys(match.group(0).lower() for match in _BOILERPLATE.finditer(markdown))
+    return [f"boilerplate phrase: {phrase!r}" for phrase in found]
+
+
+def check_length(word_total: int, band: tuple[int, int]) -> list[str]:
+    """Whether the word count is inside the requested band."""
+    low, high = band
+    if word_total < low:
+        return [f"article has {word_total} words, below the requested {low}-{high}"]
+    if word_total > high:
+        return [f"article has {word_total} words, above the requested {low}-{high}"]
+    return []
+
+
+def check_structure(heading_list: Sequence[Heading]) -> list[str]:
+    """One H1, at least two H2, no skipped heading levels, unique ids."""
+    issues: list[str] = []
+    h1 = sum(1 for h in heading_list if h.level == 1)
+    if h1 != 1:
+        issues.append(f"article has {h1} H1 headings, expected 1")
+    if sum(1 for h in heading_list if h.level == 2) < 2:
+        issues.append("article has fewer than two H2 sections")
+    previous = 1
+    for heading in heading_list:
+        if heading.level > previous + 1:
+            issues.append(f"heading level skipped before {heading.text!r}")
+        previous = heading.level
+    ids = [h.id for h in heading_list]
+    if len(ids) != len(set(ids)):
+        issues.append("heading ids are not unique")
+    return issues
+
+
+def assess(
+    markdown: str, heading_list: Sequence[Heading], word_total: int, band: tuple[int, int]
+) -> QualityReport:
+    """Run every check."""
+    return QualityReport(
+        citations=check_citations(markdown),
+        duplicates=check_duplicates(markdown),
+        boilerplate=check_boilerplate(markdown),
+        length=check_length(word_total, band),
+        structure=check_structure(heading_list),
+    )
+
+
+def _length_score(word_total: int, band: tuple[int, int]) -> float:
+    low, high = band
+    if low <= word_total <= high:
+        return 100.0
+    distance = low - word_total if word_total < low else word_total - high
+    return max(0.0, 100.0 - 100.0 * distance / low)
+
+
+def dimensions(
+    report: QualityReport,
+    *,
+    flesch: float,
+    seo: float,
+    word_total: int,
+    band: tuple[int, int],
+    citations_expected: bool,
+) -> dict[str, float]:
+    """0-100 per dimension; the quality score is their mean."""
+    citation_score = max(0.0, 100.0 - 25.0 * len(report.citations))
+    if not citations_expected:
+        citation_score = 100.0
+    return {
+        "readability": round(max(0.0, min(100.0, flesch)), 1),
+        "seo": round(seo, 1),
+        "structure": max(0.0, 100.0 - 25.0 * len(report.structure)),
+        "citations": citation_score,
+        "originality": max(
+            0.0, 100.0 - 30.0 * len(report.duplicates) - 40.0 * len(report.boilerplate)
+        ),
+        "length": round(_length_score(word_total, band), 1),
+    }
+
+
+def overall(dimension_scores: dict[str, float]) -> float:
+    """Mean of the dimensions, one decimal."""
+    return (
+        round(sum(dimension_scores.values()) / len(dimension_scores), 1)
+        if dimension_scores
+        else 0.0
+    )

@@ -1,0 +1,66 @@
+"""Stage 4: seo — the final article: references, snippets, scores, metadata, JSON-LD.
+
+Only the meta title, meta description and related keywords come from the LLM; the
+rest is computed from the Markdown in code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.llm import LLM, LLMRequest
+from stages.article import compose_article, ensure_single_h1
+from stages.base import StageInput, StageResult
+from stages.citations import apply_citations
+from stages.markdown_doc import headings, paragraphs, plain_text
+from stages.models import SeoCopy
+from stages.placeholder import placeholder_seo
+from stages.prompts import SEO_SYSTEM, user_message
+from stages.stage_output import as_model, earlier_output, stage_result
+
+EXCERPT_WORDS = 250
+
+
+class SeoStage:
+    """Finishes the article and writes its search snippets."""
+
+    name = "seo"
+
+    async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
+        """Produce the final article fields."""
+        request = stage_input.request
+        research = earlier_output(stage_input, "research")
+        outline = earlier_output(stage_input, "outline")
+        draft = earlier_output(stage_input, "draft")
+        markdown, title = ensure_single_h1(str(draft["markdown"]), str(outline["title"]))
+        cited = apply_citations(
+            markdown, research.get("sources", []), enabled=request.use_citations
+        )
+        content = cited.markdown
+        excerpt = " ".join(plain_text("\n\n".join(paragraphs(content))).split()[:EXCERPT_WORDS])
+        context: dict[str, Any] = {
+            "title": title,
+            "headings": [h.text for h in headings(content) if h.level == 2],
+            "excerpt": excerpt,
+            "search_intent": research.get("search_intent"),
+        }
+        response = await llm.generate(
+            LLMRequest(
+                stage=self.name,
+                system=SEO_SYSTEM,
+                user=user_message(request, context),
+                output_type=SeoCopy,
+                offline=lambda: placeholder_seo(request, title),
+                temperature=0.3,
+            )
+        )
+        copy = as_model(response.output, SeoCopy)
+        article, quality_warnings = compose_article(
+            request,
+            content=content,
+            title=title,
+            copy=copy,
+            research=research,
+            citations=cited.citations,
+        )
+        return stage_result(response, article, [*cited.warnings, *quality_warnings])
