@@ -124,6 +124,10 @@ webhook_deliveries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("delivered_at", DateTime(timezone=True)),
+    # When the event happened: deliveries of one job are sent in this order.
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # What the next attempt is: "schedule", "manual" (redeliver) or "recover" (bulk).
+    Column("trigger", Text, nullable=False, server_default="schedule"),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_job", "job_id"),
 )
@@ -147,6 +151,27 @@ webhook_attempts = Table(
     Column("response_excerpt", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("ix_webhook_attempts_delivery", "delivery_id", "attempt"),
+)
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant", Text, nullable=False, server_default="default"),
+    Column("url", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="enabled"),
+    Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    Column("failing_since", DateTime(timezone=True)),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("disabled_reason", Text),
+    # Per-endpoint signing secret (else WEBHOOK_SECRET); the previous one signs too until
+    # previous_secret_expires_at, so receivers can rotate without missing a beat.
+    Column("secret", Text),
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ux_webhook_endpoints_tenant_url", "tenant", "url", unique=True),
 )
 
 broker_subscriptions = Table(

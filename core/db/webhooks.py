@@ -1,0 +1,595 @@
+"""Webhook deliveries, their attempt log, and endpoint health, in PostgreSQL.
+
+The retry schedule is durable: a delivery's next attempt time lives in
+``webhook_deliveries.next_attempt_at``. A sender claims due deliveries with
+``FOR UPDATE SKIP LOCKED`` and holds them for a short lease (``status = 'sending'`` with
+``next_attempt_at`` as the lease end), so several notifier processes never send the same
+attempt twice and a crashed sender's delivery is retried once its lease runs out. The
+attempt number doubles as a fencing token: a sender whose lease was taken over cannot
+record over the newer attempt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+from uuid import UUID
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+PENDING: Final = "pending"
+SENDING: Final = "sending"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+HELD: Final = "held"
+SKIPPED: Final = "skipped"
+PROGRESS_EVENT: Final = "job.progress"
+EXCERPT_LIMIT: Final = 2048
+
+_NAMESPACE: Final = UUID("6f0c7a52-8d0e-4f53-9a53-3b1c1b7e2c11")
+
+DELIVERY_COLUMNS = (
+    "id, job_id, tenant, event_id, event_type, url, payload, status, attempt_count,"
+    " next_attempt_at, last_status_code, last_error, created_at, updated_at, delivered_at,"
+    " occurred_at, trigger"
+)
+ATTEMPT_COLUMNS = (
+    "id, delivery_id, attempt, trigger, url, status_code, latency_ms, error, response_excerpt,"
+    " created_at"
+)
+ENDPOINT_COLUMNS = (
+    "tenant, url, status, consecutive_failures, failing_since, disabled_at, disabled_reason,"
+    " secret, previous_secret, previous_secret_expires_at"
+)
+
+
+def delivery_id_for(event_id: str) -> UUID:
+    """The delivery id of an event: deterministic, so a redelivered event maps to the same one."""
+    return uuid.uuid5(_NAMESPACE, event_id)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A row of ``webhook_deliveries``: one event for one endpoint."""
+
+    id: UUID
+    job_id: UUID
+    tenant: str
+    event_id: str
+    event_type: str
+    url: str
+    payload: dict[str, Any]
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+    occurred_at: datetime
+    trigger: str
+
+    @property
+    def message_id(self) -> str:
+        """The ``webhook-id`` header: stable across retries, unique per event and endpoint."""
+        return f"msg_{self.id.hex}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The API view of a delivery (payload omitted)."""
+        return {
+            "id": str(self.id),
+            "job_id": str(self.job_id),
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "url": self.url,
+            "status": self.status,
+            "attempt_count": self.attempt_count,
+            "next_attempt_at": _iso(self.next_attempt_at) if self.status == PENDING else None,
+            "last_status_code": self.last_status_code,
+            "last_error": self.last_error,
+            "created_at": _iso(self.created_at),
+            "delivered_at": _iso(self.delivered_at),
+            "message_id": self.message_id,
+        }
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """A row of ``webhook_attempts``: one HTTP attempt of a delivery."""
+
+    id: int
+    delivery_id: UUID
+    attempt: int
+    trigger: str
+    url: str
+    status_code: int | None
+    latency_ms: float | None
+    error: str | None
+    response_excerpt: str | None
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The API view of an attempt."""
+        return {
+            "attempt": self.attempt,
+            "trigger": self.trigger,
+            "url": self.url,
+            "status_code": self.status_code,
+            "latency_ms": self.latency_ms,
+            "error": self.error,
+            "response_excerpt": self.response_excerpt,
+            "created_at": _iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryHistory:
+    """A delivery with its attempts, oldest first."""
+
+    delivery: WebhookDelivery
+    attempts: list[WebhookAttempt]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.delivery.to_json(), "attempts": [a.to_json() for a in self.attempts]}
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one HTTP attempt produced, as logged."""
+
+    url: str
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    response_excerpt: str | None = None
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """A row of ``webhook_endpoints``: health and secrets of one (tenant, url)."""
+
+    tenant: str
+    url: str
+    status: str
+    consecutive_failures: int
+    failing_since: datetime | None
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    secret: str | None
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+
+    @property
+    def disabled(self) -> bool:
+        return self.status == "disabled"
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to store for an event."""
+
+    job_id: UUID
+    tenant: str
+    event_id: str
+    event_type: str
+    url: str
+    payload: dict[str, Any]
+    occurred_at: datetime
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _clean(value: str | None, limit: int) -> str | None:
+    # Postgres text cannot hold NUL; excerpts and errors are bounded.
+    return value[:limit].replace("\x00", "") if value is not None else None
+
+
+class DeliveryRepository:
+    """Stores, claims and settles webhook deliveries; keeps endpoint health."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(self, new: NewDelivery) -> tuple[WebhookDelivery, bool]:
+        """Store a delivery for an event once; return it and whether it was new.
+
+        A ``job.progress`` delivery older than another delivery of the same job is stored as
+        ``skipped``, and storing any delivery skips the unsent progress deliveries before it:
+        progress is never sent after a later event. A disabled endpoint gets ``held`` ones.
+        """
+        delivery_id = delivery_id_for(new.event_id)
+        async with self.engine.begin() as conn:
+            existing = await self._get(conn, delivery_id)
+            if existing is not None:
+                return existing, False
+            endpoint = await self._ensure_endpoint(conn, new.tenant, new.url)
+            status = HELD if endpoint.disabled else PENDING
+            if new.event_type == PROGRESS_EVENT and await self._has_later(conn, new):
+                status = SKIPPED
+            row = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO webhook_deliveries (id, job_id, tenant, event_id, event_type,"
+                        " url, payload, status, next_attempt_at, occurred_at, last_error)"
+                        " VALUES (:id, :job_id, :tenant, :event_id, :event_type, :url, :payload,"
+                        " :status, CASE WHEN :status = 'pending' THEN now() END, :occurred_at,"
+                        " CASE WHEN :status = 'skipped' THEN 'superseded by a later event' END)"
+                        f" ON CONFLICT (event_id) DO NOTHING RETURNING {DELIVERY_COLUMNS}"
+                    ),
+                    {
+                        "id": delivery_id,
+                        "job_id": new.job_id,
+                        "tenant": new.tenant,
+                        "event_id": new.event_id,
+                        "event_type": new.event_type,
+                        "url": new.url,
+                        "payload": orjson.dumps(new.payload).decode(),
+                        "status": status,
+                        "occurred_at": new.occurred_at,
+                    },
+                )
+            ).first()
+            if row is None:  # a concurrent handler stored it first
+                found = await self._get(conn, delivery_id)
+                assert found is not None
+                return found, False
+            await conn.execute(
+                text(
+                    "UPDATE webhook_deliveries SET status = 'skipped', next_attempt_at = NULL,"
+                    " last_error = 'superseded by a later event', updated_at = now()"
+                    " WHERE id IN (SELECT id FROM webhook_deliveries WHERE job_id = :job_id"
+                    " AND url = :url AND event_type = 'job.progress'"
+                    " AND status IN ('pending', 'held') AND occurred_at <= :occurred_at"
+                    " AND id <> :id FOR UPDATE SKIP LOCKED)"
+                ),
+                {
+                    "job_id": new.job_id,
+                    "url": new.url,
+                    "occurred_at": new.occurred_at,
+                    "id": delivery_id,
+                },
+            )
+            return WebhookDelivery(**dict(row._mapping)), True
+
+    async def claim_due(self, *, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
+        """Claim up to ``limit`` due deliveries for one attempt each, for ``lease_seconds``.
+
+        A delivery waits while an earlier delivery of the same job and endpoint is
+        unsettled, so one job's events reach the receiver in order.
+        """
+        query = text(
+            "UPDATE webhook_deliveries d SET status = 'sending',"
+            " attempt_count = d.attempt_count + 1, updated_at = now(),"
+            " next_attempt_at = now() + make_interval(secs => :lease)"
+            " WHERE d.id IN (SELECT c.id FROM webhook_deliveries c"
+            "   WHERE c.status IN ('pending', 'sending') AND c.next_attempt_at <= now()"
+            "   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.job_id = c.job_id"
+            "     AND e.url = c.url AND e.status IN ('pending', 'sending', 'held')"
+            "     AND (e.occurred_at, e.created_at, e.id) < (c.occurred_at, c.created_at, c.id))"
+            "   ORDER BY c.next_attempt_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)"
+            f" RETURNING {DELIVERY_COLUMNS}"
+        )
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(query, {"limit": limit, "lease": lease_seconds})
+            claimed = [WebhookDelivery(**dict(row._mapping)) for row in rows]
+        return sorted(claimed, key=lambda d: (d.occurred_at, d.created_at))
+
+    async def seconds_until_due(self) -> float | None:
+        """Seconds until the earliest pending (or leased) delivery is due; None when idle."""
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    text(
+                        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())"
+                        " FROM webhook_deliveries WHERE status IN ('pending', 'sending')"
+                    )
+                )
+            ).scalar()
+        return max(0.0, float(value)) if value is not None else None
+
+    async def record_attempt(
+        self,
+        delivery: WebhookDelivery,
+        outcome: AttemptOutcome,
+        *,
+        status: str,
+        retry_in: float | None,
+    ) -> bool:
+        """Log the attempt ``delivery.attempt_count`` and settle the delivery as ``status``
+        (``pending`` again after ``retry_in`` seconds, ``succeeded`` or ``failed``).
+
+        Returns False, logging nothing, when the lease was lost to another sender.
+        """
+        async with self.engine.begin() as conn:
+            settled = (
+                await conn.execute(
+                    text(
+                        "UPDATE webhook_deliveries SET status = :status, updated_at = now(),"
+                        " last_status_code = :code, last_error = :error,"
+                        " next_attempt_at = CASE WHEN :status = 'pending'"
+                        "   THEN now() + make_interval(secs => :retry_in) END,"
+                        " delivered_at = CASE WHEN :status = 'succeeded' THEN now()"
+                        "   ELSE delivered_at END,"
+                        " trigger = CASE WHEN :status = 'pending' THEN trigger ELSE 'schedule' END"
+                        " WHERE id = :id AND status = 'sending' AND attempt_count = :attempt"
+                    ),
+                    {
+                        "id": delivery.id,
+                        "attempt": delivery.attempt_count,
+                        "status": status,
+                        "code": outcome.status_code,
+                        "error": _clean(outcome.error, 1000),
+                        "retry_in": float(retry_in or 0.0),
+                    },
+                )
+            ).rowcount
+            if not settled:
+                return False
+            await conn.execute(
+                text(
+                    "INSERT INTO webhook_attempts (delivery_id, attempt, trigger, url, status_code,"
+                    " latency_ms, error, response_excerpt) VALUES (:delivery_id, :attempt,"
+                    " :trigger, :url, :status_code, :latency_ms, :error, :excerpt)"
+                ),
+                {
+                    "delivery_id": delivery.id,
+                    "attempt": delivery.attempt_count,
+                    "trigger": delivery.trigger,
+                    "url": outcome.url,
+                    "status_code": outcome.status_code,
+                    "latency_ms": outcome.latency_ms,
+                    "error": _clean(outcome.error, 1000),
+                    "excerpt": _clean(outcome.response_excerpt, EXCERPT_LIMIT),
+                },
+            )
+        return True
+
+    async def release(self, delivery: WebhookDelivery) -> None:
+        """Hand a claimed delivery back unsent (shutdown): due now, attempt not counted."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(),"
+                    " attempt_count = attempt_count - 1, updated_at = now()"
+                    " WHERE id = :id AND status = 'sending' AND attempt_count = :attempt"
+                ),
+                {"id": delivery.id, "attempt": delivery.attempt_count},
+            )
+
+    async def get(self, delivery_id: UUID) -> WebhookDelivery | None:
+        """One delivery, or None."""
+        async with self.engine.connect() as conn:
+            return await self._get(conn, delivery_id)
+
+    async def history(self, delivery_id: UUID) -> DeliveryHistory | None:
+        """One delivery with its attempts, or None."""
+        async with self.engine.connect() as conn:
+            delivery = await self._get(conn, delivery_id)
+            if delivery is None:
+                return None
+            return DeliveryHistory(delivery, await self._attempts(conn, [delivery.id]))
+
+    async def list_for_job(self, job_id: UUID) -> list[DeliveryHistory]:
+        """A job's deliveries (oldest first), each with its attempts."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE job_id = :job_id"
+                    " ORDER BY occurred_at, created_at, id"
+                ),
+                {"job_id": job_id},
+            )
+            deliveries = [WebhookDelivery(**dict(row._mapping)) for row in rows]
+            attempts = await self._attempts(conn, [d.id for d in deliveries])
+        return [
+            DeliveryHistory(d, [a for a in attempts if a.delivery_id == d.id]) for d in deliveries
+        ]
+
+    async def redeliver(
+        self, delivery_id: UUID, *, trigger: str = "manual"
+    ) -> WebhookDelivery | None:
+        """Queue one more attempt now (unless one is in flight); None if not found or in flight."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(),"
+                        " trigger = :trigger, updated_at = now()"
+                        " WHERE id = :id AND status <> 'sending'"
+                        f" RETURNING {DELIVERY_COLUMNS}"
+                    ),
+                    {"id": delivery_id, "trigger": trigger},
+                )
+            ).first()
+        return WebhookDelivery(**dict(row._mapping)) if row else None
+
+    async def recover(
+        self, *, since: datetime, cap: int, dry_run: bool, tenant: str | None = None
+    ) -> tuple[int, list[UUID]]:
+        """Re-queue failed deliveries created since ``since`` (at most ``cap``, oldest first).
+
+        Returns how many match in all and the ids re-queued (would be, on a dry run).
+        """
+        where = "status = 'failed' AND created_at >= :since"
+        params: dict[str, Any] = {"since": since, "cap": cap}
+        if tenant is not None:
+            where += " AND tenant = :tenant"
+            params["tenant"] = tenant
+        async with self.engine.begin() as conn:
+            total = (
+                await conn.execute(
+                    text(f"SELECT count(*) FROM webhook_deliveries WHERE {where}"), params
+                )
+            ).scalar_one()
+            select = (
+                f"SELECT id FROM webhook_deliveries WHERE {where}"
+                " ORDER BY created_at, id LIMIT :cap"
+            )
+            if dry_run:
+                ids = [row[0] for row in await conn.execute(text(select), params)]
+            else:
+                rows = await conn.execute(
+                    text(
+                        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(),"
+                        " trigger = 'recover', updated_at = now()"
+                        f" WHERE id IN ({select} FOR UPDATE SKIP LOCKED) RETURNING id"
+                    ),
+                    params,
+                )
+                ids = [row[0] for row in rows]
+        return int(total), ids
+
+    async def endpoint(self, tenant: str, url: str) -> WebhookEndpoint | None:
+        """The endpoint's health and secrets, or None if nothing was ever sent to it."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints"
+                        " WHERE tenant = :tenant AND url = :url"
+                    ),
+                    {"tenant": tenant, "url": url},
+                )
+            ).first()
+        return WebhookEndpoint(**dict(row._mapping)) if row else None
+
+    async def note_endpoint_result(
+        self, tenant: str, url: str, *, succeeded: bool
+    ) -> WebhookEndpoint:
+        """Count a success (resets the failure run) or a failure for an endpoint."""
+        async with self.engine.begin() as conn:
+            await self._ensure_endpoint(conn, tenant, url)
+            row = (
+                await conn.execute(
+                    text(
+                        "UPDATE webhook_endpoints SET updated_at = now(),"
+                        " consecutive_failures = CASE WHEN :ok THEN 0"
+                        "   ELSE consecutive_failures + 1 END,"
+                        " failing_since = CASE WHEN :ok THEN NULL"
+                        "   ELSE coalesce(failing_since, now()) END"
+                        f" WHERE tenant = :tenant AND url = :url RETURNING {ENDPOINT_COLUMNS}"
+                    ),
+                    {"ok": succeeded, "tenant": tenant, "url": url},
+                )
+            ).one()
+        return WebhookEndpoint(**dict(row._mapping))
+
+    async def disable_endpoint(self, tenant: str, url: str, reason: str) -> int:
+        """Disable an endpoint and hold its unsent deliveries; return how many were held."""
+        async with self.engine.begin() as conn:
+            await self._ensure_endpoint(conn, tenant, url)
+            await conn.execute(
+                text(
+                    "UPDATE webhook_endpoints SET status = 'disabled', disabled_at = now(),"
+                    " disabled_reason = :reason, updated_at = now()"
+                    " WHERE tenant = :tenant AND url = :url"
+                ),
+                {"tenant": tenant, "url": url, "reason": reason},
+            )
+            held = await conn.execute(
+                text(
+                    "UPDATE webhook_deliveries SET status = 'held', next_attempt_at = NULL,"
+                    " updated_at = now() WHERE tenant = :tenant AND url = :url"
+                    " AND status = 'pending'"
+                ),
+                {"tenant": tenant, "url": url},
+            )
+        return int(held.rowcount)
+
+    async def enable_endpoint(self, tenant: str, url: str, *, recover_held: bool = True) -> int:
+        """Re-enable an endpoint; optionally resume its held deliveries. Returns how many."""
+        async with self.engine.begin() as conn:
+            await self._ensure_endpoint(conn, tenant, url)
+            await conn.execute(
+                text(
+                    "UPDATE webhook_endpoints SET status = 'enabled', disabled_at = NULL,"
+                    " disabled_reason = NULL, consecutive_failures = 0, failing_since = NULL,"
+                    " updated_at = now() WHERE tenant = :tenant AND url = :url"
+                ),
+                {"tenant": tenant, "url": url},
+            )
+            if not recover_held:
+                return 0
+            resumed = await conn.execute(
+                text(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(),"
+                    " updated_at = now() WHERE tenant = :tenant AND url = :url AND status = 'held'"
+                ),
+                {"tenant": tenant, "url": url},
+            )
+        return int(resumed.rowcount)
+
+    async def set_endpoint_secret(
+        self, tenant: str, url: str, secret: str, *, overlap: timedelta = timedelta(hours=24)
+    ) -> None:
+        """Give an endpoint a new secret; the old one keeps signing for ``overlap``."""
+        async with self.engine.begin() as conn:
+            await self._ensure_endpoint(conn, tenant, url)
+            await conn.execute(
+                text(
+                    "UPDATE webhook_endpoints SET previous_secret = secret,"
+                    " previous_secret_expires_at = CASE WHEN secret IS NULL THEN NULL"
+                    "   ELSE now() + make_interval(secs => :overlap) END,"
+                    " secret = :secret, updated_at = now() WHERE tenant = :tenant AND url = :url"
+                ),
+                {
+                    "tenant": tenant,
+                    "url": url,
+                    "secret": secret,
+                    "overlap": overlap.total_seconds(),
+                },
+            )
+
+    async def _get(self, conn: AsyncConnection, delivery_id: UUID) -> WebhookDelivery | None:
+        row = (
+            await conn.execute(
+                text(f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = :id"),
+                {"id": delivery_id},
+            )
+        ).first()
+        return WebhookDelivery(**dict(row._mapping)) if row else None
+
+    async def _attempts(self, conn: AsyncConnection, ids: Sequence[UUID]) -> list[WebhookAttempt]:
+        if not ids:
+            return []
+        rows = await conn.execute(
+            text(
+                f"SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE delivery_id = ANY(:ids)"
+                " ORDER BY delivery_id, attempt, id"
+            ),
+            {"ids": list(ids)},
+        )
+        return [WebhookAttempt(**dict(row._mapping)) for row in rows]
+
+    async def _has_later(self, conn: AsyncConnection, new: NewDelivery) -> bool:
+        found = await conn.execute(
+            text(
+                "SELECT 1 FROM webhook_deliveries WHERE job_id = :job_id AND url = :url"
+                " AND occurred_at > :occurred_at LIMIT 1"
+            ),
+            {"job_id": new.job_id, "url": new.url, "occurred_at": new.occurred_at},
+        )
+        return found.first() is not None
+
+    async def _ensure_endpoint(
+        self, conn: AsyncConnection, tenant: str, url: str
+    ) -> WebhookEndpoint:
+        row = (
+            await conn.execute(
+                text(
+                    "INSERT INTO webhook_endpoints (tenant, url) VALUES (:tenant, :url)"
+                    " ON CONFLICT (tenant, url) DO UPDATE SET tenant = EXCLUDED.tenant"
+                    f" RETURNING {ENDPOINT_COLUMNS}"
+                ),
+                {"tenant": tenant, "url": url},
+            )
+        ).one()
+        return WebhookEndpoint(**dict(row._mapping))

@@ -1,0 +1,1 @@
+"""Webhook delivery: signing, retry schedule, attempt log, redelivery."""

@@ -1,0 +1,149 @@
+"""One HTTP attempt of a webhook: the only module that talks to webhook receivers.
+
+The host is resolved once and every address checked by the SSRF guard; the request then
+goes to that very address, with the URL's ``Host`` header and TLS server name kept, so a
+DNS answer that changes between check and connect cannot redirect it. Redirects are not
+followed, and the whole attempt (connect, send, first 2 KB of the reply) has one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from core.db.webhooks import EXCERPT_LIMIT, AttemptOutcome
+from core.ssrf import AllowList, AsyncResolver, BlockedDestination, ResolvedTarget, resolve_target
+from notifier.retry import is_success, parse_retry_after
+
+USER_AGENT = "blogpipe-webhooks/1.0"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What one attempt produced."""
+
+    url: str
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    response_excerpt: str | None = None
+    retry_after: float | None = None
+    blocked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return is_success(self.status_code)
+
+    def outcome(self) -> AttemptOutcome:
+        """The attempt as the attempt log stores it."""
+        error = self.error
+        if error is None and not self.ok:
+            error = f"HTTP {self.status_code}"
+        return AttemptOutcome(
+            url=self.url,
+            status_code=self.status_code,
+            latency_ms=self.latency_ms,
+            error=error,
+            response_excerpt=self.response_excerpt,
+        )
+
+
+def new_http_client() -> httpx.AsyncClient:
+    """The client the notifier uses when none is given: no env proxies, no redirects."""
+    return httpx.AsyncClient(trust_env=False, follow_redirects=False)
+
+
+class WebhookSender:
+    """Posts signed bodies to callback URLs through the SSRF guard."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        timeout: float,
+        allow_http: bool,
+        allowed_hosts: Sequence[str],
+        resolver: AsyncResolver | None = None,
+    ) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.allow_http = allow_http
+        self.allow = AllowList.parse(allowed_hosts)
+        self.resolver = resolver
+
+    async def post(self, url: str, body: str, headers: Mapping[str, str]) -> SendResult:
+        """POST ``body`` to ``url``; never raises for network or HTTP trouble."""
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return round((time.perf_counter() - started) * 1000.0, 2)
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                target = await resolve_target(
+                    url,
+                    allow_http=self.allow_http,
+                    allowed_hosts=self.allow,
+                    resolver=self.resolver,
+                )
+                last_error = "no address to connect to"
+                for address in target.addresses:
+                    try:
+                        return await self._post_to(target, address, body, headers, started)
+                    except httpx.ConnectError as exc:
+                        last_error = f"connection to {address} failed: {exc or type(exc).__name__}"
+                return SendResult(url, latency_ms=elapsed(), error=last_error)
+        except BlockedDestination as exc:
+            return SendResult(url, latency_ms=elapsed(), error=f"refused: {exc}", blocked=True)
+        except (TimeoutError, httpx.TimeoutException):
+            return SendResult(url, latency_ms=elapsed(), error=f"timed out after {self.timeout:g}s")
+        except OSError as exc:
+            return SendResult(url, latency_ms=elapsed(), error=f"DNS resolution failed: {exc}")
+        except httpx.HTTPError as exc:
+            detail = str(exc) or type(exc).__name__
+            return SendResult(url, latency_ms=elapsed(), error=f"{type(exc).__name__}: {detail}")
+
+    async def _post_to(
+        self,
+        target: ResolvedTarget,
+        address: str,
+        body: str,
+        headers: Mapping[str, str],
+        started: float,
+    ) -> SendResult:
+        request = self.client.build_request(
+            "POST",
+            target.url_for(address),
+            content=body.encode(),
+            headers={
+                "content-type": "application/json",
+                "user-agent": USER_AGENT,
+                **headers,
+                "host": target.host_header,
+            },
+            extensions={"sni_hostname": target.host},
+            timeout=self.timeout,
+        )
+        response = await self.client.send(request, stream=True, follow_redirects=False)
+        latency_ms = round((time.perf_counter() - started) * 1000.0, 2)
+        excerpt = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                excerpt.extend(chunk)
+                if len(excerpt) >= EXCERPT_LIMIT:
+                    break
+        except httpx.HTTPError:
+            pass  # the status code is what counts; the excerpt is best effort
+        finally:
+            await response.aclose()
+        return SendResult(
+            target.url,
+            status_code=response.status_code,
+            latency_ms=latency_ms,
+            response_excerpt=bytes(excerpt[:EXCERPT_LIMIT]).decode("utf-8", "replace"),
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )

@@ -1,0 +1,355 @@
+"""The notifier: job events in, signed webhooks out, retried on a durable schedule.
+
+``run()`` does two things at once: it consumes ``blog-job-events`` and stores one
+delivery per event (idempotently, so a redelivered message changes nothing), and it
+sends due deliveries. A new delivery wakes the sender at once; a modest poll is the
+safety net for deliveries stored or re-queued by other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.broker import Broker, Delivery, SubscriptionSpec
+from core.constants import EVENTS_TOPIC, FINISHED_STATUSES, NOTIFIER_SUBSCRIPTION
+from core.db.jobs import JobRepository
+from core.db.webhooks import (
+    FAILED,
+    PENDING,
+    PROGRESS_EVENT,
+    SUCCEEDED,
+    DeliveryRepository,
+    NewDelivery,
+    WebhookDelivery,
+)
+from core.events import JobEvent
+from core.requests import DEFAULT_CALLBACK_EVENTS
+from core.settings import Settings
+from core.ssrf import AsyncResolver
+from notifier.payload import build_payload, encode_body
+from notifier.retry import GONE, RetryPolicy
+from notifier.sender import SendResult, WebhookSender, new_http_client
+from notifier.signing import Signer
+
+logger = logging.getLogger("blogpipe.notifier")
+
+
+class Notifier:
+    """Turns job events into webhook deliveries and sends them.
+
+    ``allowed_hosts``/``allow_http`` default to the settings ``webhook_allowed_hosts`` /
+    ``webhook_allow_http`` when those exist (``WEBHOOK_ALLOWED_HOSTS``, ``WEBHOOK_ALLOW_HTTP``),
+    else to "public https only". An endpoint is disabled after ``disable_after_failures``
+    consecutive failed attempts or ``disable_after`` of continuous failure.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        broker: Broker | None,
+        settings: Settings,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        allowed_hosts: Sequence[str] | None = None,
+        allow_http: bool | None = None,
+        resolver: AsyncResolver | None = None,
+        previous_secrets: Sequence[str] = (),
+        poll_interval: float = 2.0,
+        batch_size: int = 50,
+        lease_seconds: float | None = None,
+        disable_after_failures: int = 50,
+        disable_after: timedelta = timedelta(days=5),
+        max_retry_after: float = 3600.0,
+    ) -> None:
+        self.engine = engine
+        self.broker = broker
+        self.settings = settings
+        self.jobs = JobRepository(engine)
+        self.deliveries = DeliveryRepository(engine)
+        self.signer = Signer.from_secrets(settings.webhook_secret, previous_secrets)
+        self.policy = RetryPolicy(
+            tuple(settings.webhook_retry_schedule), max_retry_after=max_retry_after
+        )
+        self._own_client = http_client is None
+        self.http_client = http_client or new_http_client()
+        if allowed_hosts is None:
+            allowed_hosts = tuple(getattr(settings, "webhook_allowed_hosts", ()) or ())
+        if allow_http is None:
+            allow_http = bool(getattr(settings, "webhook_allow_http", False))
+        self.sender = WebhookSender(
+            self.http_client,
+            timeout=settings.webhook_timeout,
+            allow_http=allow_http,
+            allowed_hosts=allowed_hosts,
+            resolver=resolver,
+        )
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        # Longer than any attempt can take, so a live sender never loses its lease.
+        self.lease_seconds = lease_seconds or settings.webhook_timeout * 3 + 30.0
+        self.disable_after_failures = disable_after_failures
+        self.disable_after = disable_after
+        self._wake = asyncio.Event()
+
+    async def run(self, *, ensure_subscription: bool = True) -> None:
+        """Consume job events and send webhooks until cancelled."""
+        if self.broker is None:
+            raise RuntimeError("Notifier.run() needs a broker; use deliver_forever() without one")
+        if ensure_subscription:
+            await self.broker.ensure_topic(EVENTS_TOPIC)
+            await self.broker.ensure_subscription(
+                SubscriptionSpec(name=NOTIFIER_SUBSCRIPTION, topic=EVENTS_TOPIC)
+            )
+        logger.info("Notifier started", extra={"action": "notifier_started"})
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.broker.subscribe(NOTIFIER_SUBSCRIPTION, self.handle_event))
+                group.create_task(self.deliver_forever())
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Release the HTTP client if the notifier made it."""
+        if self._own_client:
+            await self.http_client.aclose()
+
+    def wake(self) -> None:
+        """Make the sender look for due deliveries now."""
+        self._wake.set()
+
+    async def handle_event(self, delivery: Delivery) -> None:
+        """Broker handler: store the webhook delivery an event calls for, then ack.
+
+        A malformed message is logged and acked (retrying cannot fix it); database errors
+        propagate, so the broker redelivers the event.
+        """
+        try:
+            event = JobEvent.from_bytes(delivery.data)
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            logger.error(
+                "Dropping malformed job event %s: %s",
+                delivery.message_id,
+                exc,
+                extra={"action": "webhook_event_malformed", "message_id": delivery.message_id},
+            )
+            return
+        await self.enqueue(event)
+
+    async def enqueue(self, event: JobEvent) -> WebhookDelivery | None:
+        """Store the delivery for ``event`` if the job wants it; None if it does not."""
+        job = await self.jobs.get(event.job_id)
+        if job is None:
+            logger.warning(
+                "Job %s of event %s not found; no webhook",
+                event.job_id,
+                event.event_id,
+                extra={"action": "webhook_job_missing", "job_id": str(event.job_id)},
+            )
+            return None
+        wanted = job.callback_events or list(DEFAULT_CALLBACK_EVENTS)
+        if not job.callback_url or event.type not in wanted:
+            return None
+        if event.type == PROGRESS_EVENT and job.status in FINISHED_STATUSES:
+            logger.info(
+                "Skipping %s for job %s: the job already finished",
+                event.type,
+                job.id,
+                extra={"action": "webhook_progress_skipped", "job_id": str(job.id)},
+            )
+            return None
+        document = await self.jobs.status_document(job.id)
+        if document is None:
+            return None
+        payload = build_payload(
+            event.type, event.occurred_at, document, public_base_url=self.settings.public_base_url
+        )
+        stored, created = await self.deliveries.create(
+            NewDelivery(
+                job_id=job.id,
+                tenant=job.tenant,
+                event_id=event.event_id,
+                event_type=event.type,
+                url=job.callback_url,
+                payload=payload,
+                occurred_at=event.occurred_at,
+            )
+        )
+        if created:
+            logger.info(
+                "Queued %s webhook %s for job %s (%s)",
+                event.type,
+                stored.id,
+                job.id,
+                stored.status,
+                extra=self._extra("webhook_queued", stored),
+            )
+            if stored.status == PENDING:
+                self.wake()
+        return stored
+
+    async def deliver_forever(self) -> None:
+        """Send due deliveries until cancelled: at once when woken, else on the poll."""
+        while True:
+            self._wake.clear()
+            try:
+                sent = await self.deliver_due()
+            except Exception:
+                logger.exception("Webhook sweep failed", extra={"action": "webhook_sweep_failed"})
+                sent = 0
+            if sent:
+                continue  # retries due "immediately" and deliveries unblocked by these ones
+            try:
+                due_in = await self.deliveries.seconds_until_due()
+            except Exception:
+                logger.exception("Webhook sweep failed", extra={"action": "webhook_sweep_failed"})
+                due_in = None
+            wait = self.poll_interval if due_in is None else min(self.poll_interval, due_in)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.02))
+
+    async def deliver_due(self) -> int:
+        """One sweep: claim the due deliveries and make one attempt each; return how many."""
+        claimed = await self.deliveries.claim_due(
+            limit=self.batch_size, lease_seconds=self.lease_seconds
+        )
+        if claimed:
+            await asyncio.gather(*(self._attempt(delivery) for delivery in claimed))
+        return len(claimed)
+
+    async def _attempt(self, delivery: WebhookDelivery) -> None:
+        try:
+            signer = await self._signer_for(delivery)
+            body = encode_body(delivery.payload)
+            headers = signer.headers(delivery.message_id, body)
+            result = await self.sender.post(delivery.url, body, headers)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.deliveries.release(delivery))
+            raise
+        except Exception as exc:  # never lose the lease silently: log it as a failed attempt
+            logger.exception("Webhook attempt %s crashed", delivery.id)
+            result = SendResult(delivery.url, error=f"internal error: {type(exc).__name__}: {exc}")
+        status, retry_in = self._decide(delivery, result)
+        recorded = await self.deliveries.record_attempt(
+            delivery, result.outcome(), status=status, retry_in=retry_in
+        )
+        if not recorded:
+            logger.warning(
+                "Lost the lease on webhook %s; another sender took it over",
+                delivery.id,
+                extra=self._extra("webhook_lease_lost", delivery),
+            )
+            return
+        self._log_attempt(delivery, result, status, retry_in)
+        if not result.blocked:
+            await self._note_health(delivery, result)
+        if status != PENDING:
+            self.wake()  # a settled delivery may unblock the next event of its job
+
+    def _decide(self, delivery: WebhookDelivery, result: SendResult) -> tuple[str, float | None]:
+        if result.ok:
+            return SUCCEEDED, None
+        if result.blocked or result.status_code == GONE or delivery.trigger != "schedule":
+            return FAILED, None
+        retry_in = self.policy.delay_after(delivery.attempt_count, retry_after=result.retry_after)
+        return (FAILED, None) if retry_in is None else (PENDING, retry_in)
+
+    async def _note_health(self, delivery: WebhookDelivery, result: SendResult) -> None:
+        endpoint = await self.deliveries.note_endpoint_result(
+            delivery.tenant, delivery.url, succeeded=result.ok
+        )
+        if result.ok or endpoint.disabled:
+            return
+        reason = None
+        if result.status_code == GONE:
+            reason = "the endpoint answered 410 Gone"
+        elif endpoint.consecutive_failures >= self.disable_after_failures:
+            reason = f"{endpoint.consecutive_failures} consecutive failed attempts"
+        elif (
+            endpoint.failing_since
+            and datetime.now(UTC) - endpoint.failing_since >= self.disable_after
+        ):
+            reason = f"failing since {endpoint.failing_since.isoformat()}"
+        if reason is None:
+            return
+        held = await self.deliveries.disable_endpoint(delivery.tenant, delivery.url, reason)
+        logger.warning(
+            "Disabled webhook endpoint %s (tenant %s): %s; %d deliveries held",
+            delivery.url,
+            delivery.tenant,
+            reason,
+            held,
+            extra={
+                "action": "webhook_endpoint_disabled",
+                "url": delivery.url,
+                "tenant": delivery.tenant,
+                "reason": reason,
+                "held": held,
+            },
+        )
+
+    async def _signer_for(self, delivery: WebhookDelivery) -> Signer:
+        endpoint = await self.deliveries.endpoint(delivery.tenant, delivery.url)
+        if endpoint is None or not endpoint.secret:
+            return self.signer
+        secrets = [endpoint.secret]
+        expires = endpoint.previous_secret_expires_at
+        if endpoint.previous_secret and (expires is None or expires > datetime.now(UTC)):
+            secrets.append(endpoint.previous_secret)
+        return Signer.from_secrets(secrets[0], secrets[1:])
+
+    def _log_attempt(
+        self, delivery: WebhookDelivery, result: SendResult, status: str, retry_in: float | None
+    ) -> None:
+        extra = self._extra("", delivery)
+        extra.update(status_code=result.status_code, latency_ms=result.latency_ms)
+        if status == SUCCEEDED:
+            extra["action"] = "webhook_delivered"
+            logger.info(
+                "Delivered %s webhook %s to %s on attempt %d (HTTP %s, %.0f ms)",
+                delivery.event_type,
+                delivery.id,
+                delivery.url,
+                delivery.attempt_count,
+                result.status_code,
+                result.latency_ms or 0.0,
+                extra=extra,
+            )
+        elif status == PENDING:
+            extra.update(action="webhook_retry_scheduled", retry_in=retry_in, error=result.error)
+            logger.info(
+                "Webhook %s attempt %d failed (%s); retrying in %.1f s",
+                delivery.id,
+                delivery.attempt_count,
+                result.outcome().error,
+                retry_in or 0.0,
+                extra=extra,
+            )
+        else:
+            extra.update(action="webhook_failed", error=result.error)
+            logger.warning(
+                "Webhook %s failed for good after attempt %d: %s",
+                delivery.id,
+                delivery.attempt_count,
+                result.outcome().error,
+                extra=extra,
+            )
+
+    @staticmethod
+    def _extra(action: str, delivery: WebhookDelivery) -> dict[str, Any]:
+        return {
+            "action": action,
+            "delivery_id": str(delivery.id),
+            "job_id": str(delivery.job_id),
+            "event_type": delivery.event_type,
+            "attempt": delivery.attempt_count,
+            "trigger": delivery.trigger,
+        }

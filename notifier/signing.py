@@ -1,0 +1,71 @@
+"""Standard Webhooks signatures (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``).
+
+Signing goes through the ``standardwebhooks`` package so any Standard Webhooks or Svix
+verifier accepts what we send. During a secret rotation every active secret signs,
+and the signatures are joined with spaces, as the spec allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from standardwebhooks import Webhook
+
+from core.errors import ConfigError
+
+SECRET_PREFIX = "whsec_"
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Signs webhook bodies with one or more active ``whsec_`` secrets (newest first)."""
+
+    secrets: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.secrets:
+            raise ConfigError("WEBHOOK_SECRET is required to sign webhooks (a 'whsec_…' secret)")
+        for secret in self.secrets:
+            if not secret.startswith(SECRET_PREFIX):
+                raise ConfigError("webhook secrets must be Standard Webhooks secrets ('whsec_…')")
+        # Fail at start-up, not on the first delivery, when a secret is not valid base64.
+        try:
+            for secret in self.secrets:
+                Webhook(secret)
+        except Exception as exc:
+            raise ConfigError(f"a webhook secret is not valid base64: {exc}") from exc
+
+    @classmethod
+    def from_secrets(cls, secret: str | None, previous: Sequence[str] = ()) -> Signer:
+        """A signer for ``secret`` plus still-active ``previous`` secrets (rotation overlap)."""
+        ordered = [s for s in (secret, *previous) if s]
+        return cls(tuple(dict.fromkeys(ordered)))
+
+    def signature(self, msg_id: str, timestamp: datetime, body: str) -> str:
+        """The ``webhook-signature`` value: one ``v1,<base64>`` per secret, space-separated."""
+        when = utc(timestamp)
+        return " ".join(Webhook(secret).sign(msg_id, when, body) for secret in self.secrets)
+
+    def headers(
+        self, msg_id: str, body: str, *, timestamp: datetime | None = None
+    ) -> dict[str, str]:
+        """The three Standard Webhooks headers for one attempt (timestamp defaults to now)."""
+        when = utc(timestamp or datetime.now(UTC))
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(when.timestamp())),
+            "webhook-signature": self.signature(msg_id, when, body),
+        }
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` converted to UTC; naive datetimes are taken to be UTC already.
+
+    standardwebhooks 1.1.0 *replaces* tzinfo with UTC instead of converting, so an aware
+    non-UTC datetime would be signed with the wrong epoch seconds without this.
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
