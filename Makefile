@@ -26,7 +26,7 @@ run: install
 
 # The Cloud Tasks emulator pins protobuf<5, so it lives in its own virtualenv.
 $(TASKS_EMULATOR):
-	@$(PYTHON) -m venv $(TASKS_VENV) && $(TASKS_VENV)/bin/pip install -q gcloud-tasks-emulator \
+	@$(PYTHON) -m venv $(TASKS_VENV) && $(TASKS_VENV)/bin/pip install -q "gcloud-tasks-emulator==0.6.2" \
 	  || echo "warning: could not install gcloud-tasks-emulator; Cloud Tasks tests will skip"
 
 emulators: $(TASKS_EMULATOR)

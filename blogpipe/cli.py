@@ -107,8 +107,6 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    from blogpipe.runtime import Pipeline
-
     return _run_components(settings, ["api"])
 
 
@@ -123,7 +121,7 @@ def cmd_notifier(settings: Settings, args: argparse.Namespace) -> int:
 def _run_components(settings: Settings, components: Sequence[str]) -> int:
     from blogpipe.runtime import Pipeline
 
-    pipeline = Pipeline(settings, components=components)
+    pipeline = Pipeline(settings, components=components, setup=False)
     asyncio.run(_until_signalled(pipeline.start, pipeline.stop,
                                  lambda: logger.info("Running %s", ", ".join(components),
                                                      extra={"action": "started"})))

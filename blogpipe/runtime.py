@@ -225,9 +225,14 @@ COMPONENTS: Sequence[str] = ("api", *STAGES, "notifier")
 class Pipeline:
     """The whole pipeline in one process (``blogpipe dev``), startable and stoppable."""
 
-    def __init__(self, settings: Settings, components: Sequence[str] = COMPONENTS) -> None:
+    def __init__(
+        self, settings: Settings, components: Sequence[str] = COMPONENTS, *, setup: bool = True
+    ) -> None:
         self.settings = settings
         self.components = components
+        # ``blogpipe dev`` migrates and provisions itself; deployed services leave that to
+        # ``blogpipe init`` so they need no admin rights on Pub/Sub or the schema.
+        self.setup = setup
         self.runtime: Runtime | None = None
         self._started = asyncio.Event()
 
@@ -236,9 +241,10 @@ class Pipeline:
         return f"http://{self.settings.host}:{self.settings.port}"
 
     async def start(self) -> Runtime:
-        runtime = await Runtime.open(self.settings, migrate=True)
+        runtime = await Runtime.open(self.settings, migrate=self.setup)
         self.runtime = runtime
-        await runtime.provision()
+        if self.setup:
+            await runtime.provision()
         for stage in STAGES:
             if stage in self.components:
                 runtime.start_stage(stage)
@@ -249,7 +255,7 @@ class Pipeline:
             runtime.spawn(serve(runtime.app(), self.settings.host, self.settings.port,
                                 ready=self._started.set), "api")
             await asyncio.wait_for(self._wait_started(), timeout=30)
-        if self.settings.task_queue == "local":
+        if self.settings.task_queue == "local" and "api" in self.components:
             await runtime.requeue_waiting_jobs()
         return runtime
 
