@@ -53,6 +53,11 @@ def dev_settings(settings: Settings) -> Settings:
         changes["worker_shared_secret"] = _persisted_secret(
             settings.data_dir, "worker_secret", lambda: secrets.token_urlsafe(32)
         )
+    if "WEBHOOK_ALLOWED_HOSTS" not in os.environ:
+        # Local development posts webhooks to receivers on this machine.
+        changes["webhook_allowed_hosts"] = ("127.0.0.1", "localhost", "::1")
+    if "WEBHOOK_ALLOW_HTTP" not in os.environ:
+        changes["webhook_allow_http"] = True
     if settings.task_queue == "cloudtasks" and not settings.cloud_run_worker_url:
         changes["cloud_run_worker_url"] = (
             f"http://{settings.host}:{settings.port}/api/v1/blog/worker"

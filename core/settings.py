@@ -56,6 +56,10 @@ class Settings:
     webhook_secret: str | None = None
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
     webhook_timeout: float = 10.0
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_allow_http: bool = False
+    openai_structured_mode: str = "json_schema"
+    llm_max_concurrency: int = 16
 
     max_delivery_attempts: int = 5
     stage_lease_seconds: float = 120.0
@@ -126,6 +130,12 @@ class Settings:
                 "WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE
             ),
             webhook_timeout=reader.number("WEBHOOK_TIMEOUT", 10.0, minimum=0.1),
+            webhook_allowed_hosts=reader.csv("WEBHOOK_ALLOWED_HOSTS"),
+            webhook_allow_http=reader.boolean("WEBHOOK_ALLOW_HTTP", False),
+            openai_structured_mode=reader.choice(
+                "OPENAI_STRUCTURED_MODE", ("json_schema", "json_object", "prompt"), "json_schema"
+            ),
+            llm_max_concurrency=reader.integer("BLOGPIPE_LLM_CONCURRENCY", 16, minimum=1),
             max_delivery_attempts=reader.integer("BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
             stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 120.0, minimum=1.0),
             ack_deadline_seconds=reader.number("BLOGPIPE_ACK_DEADLINE", 60.0, minimum=1.0),
@@ -191,6 +201,17 @@ class _Reader:
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)}; got {raw!r}")
         return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
     def csv(self, name: str) -> tuple[str, ...]:
         raw = self.text(name)

@@ -13,7 +13,11 @@ from tests.support.database import DatabaseFactory, admin_url
 
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
-pytest_plugins = ["tests.support.pubsub_emulator", "tests.support.cloudtasks_emulator"]
+pytest_plugins = [
+    "tests.support.pubsub_emulator",
+    "tests.support.cloudtasks_emulator",
+    "tests.support.receiver",
+]
 
 
 @pytest.fixture(scope="session")
