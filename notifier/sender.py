@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from core.db.webhooks import EXCERPT_LIMIT, AttemptOutcome
+from core.settings import Settings
 from core.ssrf import AllowList, AsyncResolver, BlockedDestination, ResolvedTarget, resolve_target
 from notifier.retry import is_success, parse_retry_after
 
@@ -50,6 +51,18 @@ class SendResult:
             error=error,
             response_excerpt=self.response_excerpt,
         )
+
+
+def guard_options(
+    settings: Settings, allowed_hosts: Sequence[str] | None, allow_http: bool | None
+) -> tuple[tuple[str, ...], bool]:
+    """The SSRF allow-list and http switch: the arguments given, else the settings
+    ``webhook_allowed_hosts`` / ``webhook_allow_http`` when they exist, else "public https"."""
+    if allowed_hosts is None:
+        allowed_hosts = tuple(getattr(settings, "webhook_allowed_hosts", ()) or ())
+    if allow_http is None:
+        allow_http = bool(getattr(settings, "webhook_allow_http", False))
+    return tuple(allowed_hosts), allow_http
 
 
 def new_http_client() -> httpx.AsyncClient:

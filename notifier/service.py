@@ -36,8 +36,8 @@ from core.requests import DEFAULT_CALLBACK_EVENTS
 from core.settings import Settings
 from core.ssrf import AsyncResolver
 from notifier.payload import build_payload, encode_body
-from notifier.retry import GONE, RetryPolicy
-from notifier.sender import SendResult, WebhookSender, new_http_client
+from notifier.retry import GONE, RETRY_AFTER_STATUSES, RetryPolicy
+from notifier.sender import SendResult, WebhookSender, guard_options, new_http_client
 from notifier.signing import Signer
 
 logger = logging.getLogger("blogpipe.notifier")
@@ -81,10 +81,7 @@ class Notifier:
         )
         self._own_client = http_client is None
         self.http_client = http_client or new_http_client()
-        if allowed_hosts is None:
-            allowed_hosts = tuple(getattr(settings, "webhook_allowed_hosts", ()) or ())
-        if allow_http is None:
-            allow_http = bool(getattr(settings, "webhook_allow_http", False))
+        allowed_hosts, allow_http = guard_options(settings, allowed_hosts, allow_http)
         self.sender = WebhookSender(
             self.http_client,
             timeout=settings.webhook_timeout,
@@ -100,8 +97,11 @@ class Notifier:
         self.disable_after = disable_after
         self._wake = asyncio.Event()
 
-    async def run(self, *, ensure_subscription: bool = True) -> None:
-        """Consume job events and send webhooks until cancelled."""
+    async def run(self, *, ensure_subscription: bool = False) -> None:
+        """Consume job events and send webhooks until cancelled.
+
+        ``blogpipe init`` provisions the subscription; ``ensure_subscription`` is for tests.
+        """
         if self.broker is None:
             raise RuntimeError("Notifier.run() needs a broker; use deliver_forever() without one")
         if ensure_subscription:
@@ -213,8 +213,12 @@ class Notifier:
                 logger.exception("Webhook sweep failed", extra={"action": "webhook_sweep_failed"})
                 due_in = None
             wait = self.poll_interval if due_in is None else min(self.poll_interval, due_in)
+            if wait <= 0.0:
+                # Due but not claimable (held back behind an earlier event of its job, or
+                # leased elsewhere): look again soon rather than spin.
+                wait = min(self.poll_interval, 0.25)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.02))
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def deliver_due(self) -> int:
         """One sweep: claim the due deliveries and make one attempt each; return how many."""
@@ -259,14 +263,18 @@ class Notifier:
             return SUCCEEDED, None
         if result.blocked or result.status_code == GONE or delivery.trigger != "schedule":
             return FAILED, None
-        retry_in = self.policy.delay_after(delivery.attempt_count, retry_after=result.retry_after)
+        retry_after = result.retry_after if result.status_code in RETRY_AFTER_STATUSES else None
+        retry_in = self.policy.delay_after(delivery.attempt_count, retry_after=retry_after)
         return (FAILED, None) if retry_in is None else (PENDING, retry_in)
 
     async def _note_health(self, delivery: WebhookDelivery, result: SendResult) -> None:
         endpoint = await self.deliveries.note_endpoint_result(
             delivery.tenant, delivery.url, succeeded=result.ok
         )
-        if result.ok or endpoint.disabled:
+        if result.ok:
+            return
+        if endpoint.disabled:  # disabled meanwhile: what this attempt re-scheduled waits too
+            await self.deliveries.hold_pending(delivery.tenant, delivery.url)
             return
         reason = None
         if result.status_code == GONE:

@@ -274,6 +274,9 @@ class DeliveryRepository:
             "   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.job_id = c.job_id"
             "     AND e.url = c.url AND e.status IN ('pending', 'sending', 'held')"
             "     AND (e.occurred_at, e.created_at, e.id) < (c.occurred_at, c.created_at, c.id))"
+            # A disabled endpoint gets only the attempts an operator asks for.
+            "   AND (c.trigger <> 'schedule' OR NOT EXISTS (SELECT 1 FROM webhook_endpoints w"
+            "     WHERE w.tenant = c.tenant AND w.url = c.url AND w.status = 'disabled'))"
             "   ORDER BY c.next_attempt_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)"
             f" RETURNING {DELIVERY_COLUMNS}"
         )
@@ -494,11 +497,16 @@ class DeliveryRepository:
                 ),
                 {"tenant": tenant, "url": url, "reason": reason},
             )
+        return await self.hold_pending(tenant, url)
+
+    async def hold_pending(self, tenant: str, url: str) -> int:
+        """Hold an endpoint's scheduled deliveries (it is disabled); return how many."""
+        async with self.engine.begin() as conn:
             held = await conn.execute(
                 text(
                     "UPDATE webhook_deliveries SET status = 'held', next_attempt_at = NULL,"
                     " updated_at = now() WHERE tenant = :tenant AND url = :url"
-                    " AND status = 'pending'"
+                    " AND status = 'pending' AND trigger = 'schedule'"
                 ),
                 {"tenant": tenant, "url": url},
             )
