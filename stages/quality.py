@@ -11,9 +11,9 @@ from stages.citations import REFERENCES_HEADING
 from stages.markdown_doc import CITATION, Heading, paragraphs
 
 _BOILERPLATE = re.compile(
-    r"\b(as an ai\b|as a(?:n ai)? language model|i(?:'m| am) (?:sorry|unable)|"
-    r"i cannot (?:help|assist|provide)|my knowledge cutoff|lorem ipsum|\[insert\b|"
-    r"\btodo\b:?|here is (?:the|your) (?:article|blog post))",
+    r"(\bas an ai\b|\bas a(?:n ai)? language model\b|\bi(?:'m| am) (?:sorry|unable)\b|"
+    r"\bi cannot (?:help|assist|provide)\b|\bmy knowledge cutoff\b|\blorem ipsum\b|"
+    r"\[insert\b|\btodo:|\bhere is (?:the|your) (?:article|blog post)\b)",
     re.IGNORECASE,
 )
 _REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)

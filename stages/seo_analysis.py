@@ -55,17 +55,23 @@ def fit_meta_title(candidate: str, title: str, primary_keyword: str) -> str:
     return _cut(f"{keyword}: {base}", META_TITLE_MAX)
 
 
+def _join(first: str, second: str) -> str:
+    """Two sentences as one text."""
+    return f"{first.rstrip(' .')}. {second}" if first else second
+
+
 def fit_meta_description(candidate: str, markdown: str, primary_keyword: str) -> str:
-    """A 120-160 character description: the LLM's if it fits, else repaired from the text."""
+    """A 120-160 character description with the keyword: the LLM's if it fits, else repaired."""
     text = " ".join(candidate.split())
-    if primary_keyword.lower() not in text.lower():
-        text = f"{primary_keyword[:1].upper() + primary_keyword[1:]}: {text}" if text else ""
     if len(text) < META_DESCRIPTION_MIN:
-        lead = " ".join(plain_text("\n\n".join(paragraphs(markdown)[:2])).split())
-        text = f"{text} {lead}".strip() if text else lead
+        text = _join(text, " ".join(plain_text("\n\n".join(paragraphs(markdown)[:2])).split()))
     if len(text) < META_DESCRIPTION_MIN:
-        text = f"{text} A practical guide to {primary_keyword}: what it is, how to choose, tips."
-    return _cut(text, META_DESCRIPTION_MAX, "…")
+        text = _join(text, f"A practical guide to {primary_keyword}: what it is and how to choose.")
+    text = _cut(text, META_DESCRIPTION_MAX, "…")
+    if count_phrase(text, primary_keyword) == 0:
+        keyword = primary_keyword[:1].upper() + primary_keyword[1:]
+        text = _cut(f"{keyword}: {text}", META_DESCRIPTION_MAX, "…")
+    return text
 
 
 def make_slug(primary_keyword: str, title: str) -> str:
