@@ -57,11 +57,11 @@ def guard_options(
     settings: Settings, allowed_hosts: Sequence[str] | None, allow_http: bool | None
 ) -> tuple[tuple[str, ...], bool]:
     """The SSRF allow-list and http switch: the arguments given, else the settings
-    ``webhook_allowed_hosts`` / ``webhook_allow_http`` when they exist, else "public https"."""
+    (``WEBHOOK_ALLOWED_HOSTS``, ``WEBHOOK_ALLOW_HTTP``)."""
     if allowed_hosts is None:
-        allowed_hosts = tuple(getattr(settings, "webhook_allowed_hosts", ()) or ())
+        allowed_hosts = settings.webhook_allowed_hosts
     if allow_http is None:
-        allow_http = bool(getattr(settings, "webhook_allow_http", False))
+        allow_http = settings.webhook_allow_http
     return tuple(allowed_hosts), allow_http
 
 

@@ -47,9 +47,9 @@ class Notifier:
     """Turns job events into webhook deliveries and sends them.
 
     ``allowed_hosts``/``allow_http`` default to the settings ``webhook_allowed_hosts`` /
-    ``webhook_allow_http`` when those exist (``WEBHOOK_ALLOWED_HOSTS``, ``WEBHOOK_ALLOW_HTTP``),
-    else to "public https only". An endpoint is disabled after ``disable_after_failures``
-    consecutive failed attempts or ``disable_after`` of continuous failure.
+    ``webhook_allow_http`` (``WEBHOOK_ALLOWED_HOSTS``, ``WEBHOOK_ALLOW_HTTP``). An endpoint
+    is disabled after ``disable_after_failures`` consecutive failed attempts or
+    ``disable_after`` of continuous failure.
     """
 
     def __init__(

@@ -24,7 +24,7 @@ from core.events import JobEvent
 from core.requests import BlogRequest
 from core.settings import Settings
 from notifier.service import Notifier
-from tests.support.receiver import Reply, WebhookReceiver, webhook_receiver_fixture  # noqa: F401
+from tests.support.receiver import Reply, WebhookReceiver
 from tests.support.waiting import wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -41,9 +41,8 @@ def make_settings(schedule: Sequence[float] = (0.0, 0.2, 0.4), timeout: float = 
 
 
 def make_notifier(engine: AsyncEngine, settings: Settings, **kwargs: Any) -> Notifier:
-    return Notifier(
-        engine, None, settings, allowed_hosts=LOOPBACK, allow_http=True, poll_interval=0.2, **kwargs
-    )
+    options: dict[str, Any] = {"allowed_hosts": LOOPBACK, "allow_http": True, "poll_interval": 0.2}
+    return Notifier(engine, None, settings, **{**options, **kwargs})
 
 
 async def finished_job(
