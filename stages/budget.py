@@ -45,6 +45,7 @@ def scale_budgets(weights: list[int], total: int, minimum: int = 30) -> list[int
     if not weights:
         return []
     clean = [max(1, weight) for weight in weights]
+    minimum = min(minimum, total // len(clean))
     factor = total / sum(clean)
     scaled = [max(minimum, round(weight * factor)) for weight in clean]
     # Put the rounding error on the largest part so the sum is exact.

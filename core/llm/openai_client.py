@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import httpx2
 import openai
 from pydantic import BaseModel, ValidationError
 
@@ -115,8 +116,9 @@ def translate_error(exc: openai.OpenAIError) -> StageError:
         retryable = status in _RETRYABLE_STATUS or status >= 500
         kind = RetryableError if retryable else PermanentError
         return kind(f"OpenAI returned HTTP {status} ({name}): {exc.message}")
-    if isinstance(exc, openai.APIResponseValidationError):
-        return RetryableError(f"OpenAI returned an unexpected response ({name})")
+    if isinstance(exc, openai.APIError):
+        # Unexpected bodies and error events in the middle of a stream: transient.
+        return RetryableError(f"OpenAI returned an unexpected response ({name}): {exc}")
     return PermanentError(f"OpenAI client error ({name}): {exc}")
 
 
@@ -189,6 +191,10 @@ class OpenAILLM:
                 return await self._structured(request, request.output_type)
             except openai.OpenAIError as exc:
                 raise translate_error(exc) from exc
+            except httpx2.TransportError as exc:
+                # A connection dropped while a stream was being read (the SDK wraps only
+                # errors raised while sending).
+                raise RetryableError(f"OpenAI stream interrupted: {exc!r}") from exc
 
     async def close(self) -> None:
         """Release HTTP connections."""

@@ -180,6 +180,12 @@ async def test_length_finish_while_streaming_is_retryable(make_llm: Any, fake: F
         await within(make_llm().generate(_draft()))
 
 
+async def test_stream_cut_off_is_retryable(make_llm: Any, fake: FakeOpenAI) -> None:
+    fake.fail("drop")
+    with pytest.raises(RetryableError, match="interrupted|unexpected|unreachable"):
+        await within(make_llm().generate(_draft()))
+
+
 @pytest.mark.parametrize("mode", STRUCTURED_MODES)
 async def test_invalid_json_is_corrected_and_usage_summed(
     make_llm: Any, fake: FakeOpenAI, mode: str
@@ -266,9 +272,16 @@ def test_cost_uses_the_price_table() -> None:
 
 
 async def test_factory_builds_the_openai_provider(fake: FakeOpenAI) -> None:
-    llm = build_llm(_settings(fake))
+    settings = _settings(fake).with_changes(
+        openai_structured_mode="json_object", llm_max_concurrency=3
+    )
+    llm = build_llm(settings)
     try:
         assert isinstance(llm, OpenAILLM) and llm.name == "openai"
+        assert llm.structured_mode == "json_object"
+        response = await within(llm.generate(_research()))
+        assert isinstance(response.output, ResearchBrief)
+        assert fake.requests[0]["response_format"] == {"type": "json_object"}
     finally:
         await within(llm.close())
 

@@ -14,6 +14,7 @@ Faults are scripted and consumed in order by matching requests::
     fake.fail("slow", delay=5)                           # answer after 5 s
     fake.fail("length") / fake.fail("invalid_json") / fake.fail("refusal")
     fake.fail("content_filter") / fake.fail("status", status=401)
+    fake.fail("drop")                                    # stream cut off mid-answer
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FaultKind = Literal[
     "refusal",
     "content_filter",
     "status",
+    "drop",
 ]
 _STAGE = re.compile(r"blogpipe stage: (\w+)")
 _SCHEMA_BLOCK = re.compile(r"<json_schema>\s*(.*?)\s*</json_schema>", re.DOTALL)
@@ -205,9 +207,10 @@ class FakeOpenAI:
         usage = self._usage(body, content or refusal or "")
         self.usages.append(usage)
         if body.get("stream"):
-            return StreamingResponse(
-                self._chunks(body, content, refusal, finish, usage), media_type="text/event-stream"
-            )
+            chunks = self._chunks(body, content, refusal, finish, usage)
+            if fault is not None and fault.kind == "drop":
+                chunks = _dropped(chunks)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
@@ -340,6 +343,20 @@ class FakeOpenAI:
             await asyncio.wait_for(self._task, timeout=10)
         self._server = None
         self._task = None
+
+
+class StreamDropped(Exception):
+    """Raised inside a streamed answer so the server cuts the connection."""
+
+
+async def _dropped(chunks: AsyncIterator[bytes], keep: int = 3) -> AsyncIterator[bytes]:
+    """The first ``keep`` chunks, then a broken connection."""
+    sent = 0
+    async for chunk in chunks:
+        if sent == keep:
+            raise StreamDropped("fake connection drop")
+        sent += 1
+        yield chunk
 
 
 def _pieces(text: str, parts: int) -> Iterator[str]:
