@@ -151,9 +151,33 @@ class WebhookOperations:
         )
         return resumed
 
-    async def ping(self, url: str) -> SendResult:
+    async def rotate_secret(
+        self,
+        url: str,
+        secret: str,
+        *,
+        tenant: str = "default",
+        overlap: timedelta = timedelta(hours=24),
+    ) -> None:
+        """Give an endpoint its own secret; the one it had keeps signing for ``overlap``."""
+        Signer((secret,))  # validates it
+        await self.deliveries.set_endpoint_secret(tenant, url, secret, overlap=overlap)
+        logger.info(
+            "Webhook secret of %s rotated; the previous one signs for %s more",
+            url,
+            overlap,
+            extra={"action": "webhook_secret_rotated", "url": url, "tenant": tenant},
+        )
+
+    async def ping(self, url: str, *, tenant: str = "default") -> SendResult:
         """Send a signed ``ping`` event to ``url`` once (through the SSRF guard)."""
-        signer = Signer.from_secrets(self.settings.webhook_secret)
+        previous = tuple(getattr(self.settings, "webhook_previous_secrets", ()) or ())
+        signer = Signer.from_secrets(self.settings.webhook_secret, previous)
+        endpoint = await self.deliveries.endpoint(tenant, url)
+        if endpoint is not None:
+            signer = signer.for_endpoint(
+                endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_expires_at
+            )
         body = encode_body(ping_payload())
         headers = signer.headers(f"msg_{uuid.uuid4().hex}", body)
         client = self.http_client or new_http_client()

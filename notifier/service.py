@@ -62,7 +62,7 @@ class Notifier:
         allowed_hosts: Sequence[str] | None = None,
         allow_http: bool | None = None,
         resolver: AsyncResolver | None = None,
-        previous_secrets: Sequence[str] = (),
+        previous_secrets: Sequence[str] | None = None,
         poll_interval: float = 2.0,
         batch_size: int = 50,
         lease_seconds: float | None = None,
@@ -75,6 +75,8 @@ class Notifier:
         self.settings = settings
         self.jobs = JobRepository(engine)
         self.deliveries = DeliveryRepository(engine)
+        if previous_secrets is None:  # WEBHOOK_PREVIOUS_SECRETS, during a rotation
+            previous_secrets = tuple(getattr(settings, "webhook_previous_secrets", ()) or ())
         self.signer = Signer.from_secrets(settings.webhook_secret, previous_secrets)
         self.policy = RetryPolicy(
             tuple(settings.webhook_retry_schedule), max_retry_after=max_retry_after
@@ -225,8 +227,21 @@ class Notifier:
         claimed = await self.deliveries.claim_due(
             limit=self.batch_size, lease_seconds=self.lease_seconds
         )
-        if claimed:
-            await asyncio.gather(*(self._attempt(delivery) for delivery in claimed))
+        outcomes = await asyncio.gather(
+            *(self._attempt(delivery) for delivery in claimed), return_exceptions=True
+        )
+        for delivery, outcome in zip(claimed, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                # The lease runs out and another sweep retries it.
+                logger.error(
+                    "Could not record webhook attempt %s: %s",
+                    delivery.id,
+                    outcome,
+                    exc_info=outcome,
+                    extra=self._extra("webhook_record_failed", delivery),
+                )
         return len(claimed)
 
     async def _attempt(self, delivery: WebhookDelivery) -> None:
@@ -306,13 +321,11 @@ class Notifier:
 
     async def _signer_for(self, delivery: WebhookDelivery) -> Signer:
         endpoint = await self.deliveries.endpoint(delivery.tenant, delivery.url)
-        if endpoint is None or not endpoint.secret:
+        if endpoint is None:
             return self.signer
-        secrets = [endpoint.secret]
-        expires = endpoint.previous_secret_expires_at
-        if endpoint.previous_secret and (expires is None or expires > datetime.now(UTC)):
-            secrets.append(endpoint.previous_secret)
-        return Signer.from_secrets(secrets[0], secrets[1:])
+        return self.signer.for_endpoint(
+            endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_expires_at
+        )
 
     def _log_attempt(
         self, delivery: WebhookDelivery, result: SendResult, status: str, retry_in: float | None

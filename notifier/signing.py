@@ -43,6 +43,21 @@ class Signer:
         ordered = [s for s in (secret, *previous) if s]
         return cls(tuple(dict.fromkeys(ordered)))
 
+    def for_endpoint(
+        self,
+        secret: str | None,
+        previous: str | None = None,
+        previous_expires_at: datetime | None = None,
+    ) -> Signer:
+        """The signer for an endpoint with its own secret (else this one); its previous
+        secret keeps signing until ``previous_expires_at``."""
+        if not secret:
+            return self
+        still_active = previous and (
+            previous_expires_at is None or previous_expires_at > datetime.now(UTC)
+        )
+        return Signer.from_secrets(secret, [previous] if still_active and previous else [])
+
     def signature(self, msg_id: str, timestamp: datetime, body: str) -> str:
         """The ``webhook-signature`` value: one ``v1,<base64>`` per secret, space-separated."""
         when = utc(timestamp)

@@ -9,15 +9,20 @@ from uuid import UUID
 
 import httpx
 import pytest
+import standardwebhooks
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from api.webhooks import webhook_routes
 from core.db.webhooks import DeliveryRepository
+from core.errors import ConfigError
+from core.settings import Settings
 from core.ssrf import check_callback_url
 from notifier.operations import WebhookOperations, parse_since
+from notifier.service import Notifier
 from tests.integration.test_notifier import (
     LOOPBACK,
+    SECRET,
     event_delivery,
     finished_job,
     make_notifier,
@@ -236,3 +241,27 @@ async def test_operations_without_api(
     ops = WebhookOperations(engine, make_settings(), allowed_hosts=LOOPBACK, allow_http=True)
     result = await asyncio.wait_for(ops.ping(webhook_receiver.url), timeout=10)
     assert result.ok and result.response_excerpt == "ok"
+
+
+async def test_endpoint_secret_rotation_signs_with_both_during_the_overlap(
+    engine: AsyncEngine, webhook_receiver: WebhookReceiver
+) -> None:
+    new_secret = "whsec_plJ3nmyCDGBKInavdOK15jsl"
+    ops = WebhookOperations(engine, make_settings(), allowed_hosts=LOOPBACK, allow_http=True)
+    # The endpoint starts on its own secret, then rotates to a new one.
+    await asyncio.wait_for(ops.rotate_secret(webhook_receiver.url, SECRET), timeout=10)
+    await asyncio.wait_for(ops.rotate_secret(webhook_receiver.url, new_secret), timeout=10)
+    job_id = await finished_job(engine, webhook_receiver.url)
+    notifier = make_notifier(engine, make_settings())
+    async with sending(notifier):
+        await asyncio.wait_for(notifier.handle_event(event_delivery(job_id)), timeout=10)
+        await settled(engine, job_id)
+    [request] = webhook_receiver.requests
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    verify(request.headers, request.body)  # the old secret
+    standardwebhooks.Webhook(new_secret).verify(request.body, request.headers)
+
+
+def test_notifier_requires_a_webhook_secret(engine: AsyncEngine) -> None:
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET"):
+        Notifier(engine, None, Settings())
