@@ -212,7 +212,9 @@ async def serve(app: Starlette, host: str, port: int, *, ready: Callable[[], Non
             await asyncio.sleep(0.02)
         if ready:
             ready()
-        await task
+        # Shielded: cancelling us must stop the server gracefully (closing its sockets),
+        # not cancel it mid-flight.
+        await asyncio.shield(task)
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
