@@ -1,0 +1,297 @@
+"""What only the postgres broker promises: transactional publish, leases, reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.broker import Delivery, Message, Nack, SubscriptionSpec
+from core.broker.postgres import PostgresBroker
+from core.db.engine import plain_url
+from tests.support.brokers import Recorder, subscribed, unique
+from tests.support.waiting import wait_for
+
+TIMEOUT = 30.0
+LOGGER = "blogpipe.broker.postgres"
+NEVER = 3600.0  # a safety-net poll that never fires within a test
+
+
+@pytest.fixture
+async def broker(engine: AsyncEngine) -> AsyncIterator[PostgresBroker]:
+    broker = PostgresBroker(engine)
+    yield broker
+    await asyncio.wait_for(broker.close(), TIMEOUT)
+
+
+async def make_subscription(
+    broker: PostgresBroker, topic: str | None = None, **policy: Any
+) -> SubscriptionSpec:
+    policy = {"min_backoff_seconds": 0.1, "max_backoff_seconds": 0.5, **policy}
+    spec = SubscriptionSpec(name=unique("sub"), topic=topic or unique("topic"), **policy)
+    await asyncio.wait_for(broker.ensure_subscription(spec), TIMEOUT)
+    return spec
+
+
+async def rows(engine: AsyncEngine, subscription: str) -> list[tuple[int, int]]:
+    """(id, attempts) of the queue rows of ``subscription``, seen from another connection."""
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            text("SELECT id, attempts FROM broker_messages WHERE subscription = :s ORDER BY id"),
+            {"s": subscription},
+        )
+        return [(row[0], row[1]) for row in result]
+
+
+async def lease_as_crashed_consumer(engine: AsyncEngine, subscription: str, seconds: float) -> None:
+    """Lease every message like a consumer would, then never come back (it "crashed")."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE broker_messages SET attempts = attempts + 1, "
+                "available_at = now() + make_interval(secs => :s) WHERE subscription = :sub"
+            ),
+            {"s": seconds, "sub": subscription},
+        )
+
+
+def actions(caplog: pytest.LogCaptureFixture, action: str) -> int:
+    return sum(1 for record in caplog.records if getattr(record, "action", None) == action)
+
+
+async def drain(broker: PostgresBroker, subscription: str, handler: Recorder) -> int:
+    return await asyncio.wait_for(broker.drain(subscription, handler), TIMEOUT)
+
+
+async def test_publish_in_transaction_appears_at_commit(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    spec = await make_subscription(broker)
+    recorder = Recorder()
+    async with engine.connect() as conn:
+        async with conn.begin():
+            await broker.publish_in_transaction(conn, spec.topic, Message(b"x", {"a": "b"}))
+            assert await rows(engine, spec.name) == []
+            assert await drain(broker, spec.name, recorder) == 0
+    assert await drain(broker, spec.name, recorder) == 1
+    assert recorder.deliveries[0].attributes == {"a": "b"}
+
+
+async def test_publish_in_transaction_rolls_back_with_it(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    spec = await make_subscription(broker)
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        await broker.publish_in_transaction(conn, spec.topic, Message(b"x"))
+        await transaction.rollback()
+    assert await drain(broker, spec.name, Recorder()) == 0
+    assert await rows(engine, spec.name) == []
+
+
+async def test_ack_deletes_and_unrouted_messages_are_dropped(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    spec = await make_subscription(broker)
+    message_id = await broker.publish(spec.topic, Message(b"x"))
+    assert await rows(engine, spec.name) == [(int(message_id), 0)]
+    assert await drain(broker, spec.name, Recorder()) == 1
+    assert await rows(engine, spec.name) == []
+    assert (await broker.publish(unique("nobody"), Message(b"x"))).startswith("unrouted-")
+
+
+async def test_expired_lease_is_redelivered(broker: PostgresBroker, engine: AsyncEngine) -> None:
+    # poll_interval NEVER: only the consumer's own timer for the lease's end can wake it.
+    broker.poll_interval = NEVER
+    spec = await make_subscription(broker)
+    await broker.publish(spec.topic, Message(b"x"))
+    await lease_as_crashed_consumer(engine, spec.name, seconds=0.3)
+    recorder = Recorder()
+    assert await drain(broker, spec.name, recorder) == 0  # leased: invisible
+    async with subscribed(broker, spec.name, recorder):
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the redelivery")
+    assert recorder.attempts(b"x") == [2]
+
+
+async def test_expired_lease_on_last_attempt_dead_letters(
+    broker: PostgresBroker, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    dead_letters = unique("dlt")
+    spec = await make_subscription(broker, max_delivery_attempts=1, dead_letter_topic=dead_letters)
+    dead_spec = await make_subscription(broker, topic=dead_letters)
+    await broker.publish(spec.topic, Message(b"x", {"job_id": "7"}))
+    await lease_as_crashed_consumer(engine, spec.name, seconds=0.0)
+    main, dead = Recorder(), Recorder()
+    async with subscribed(broker, spec.name, main), subscribed(broker, dead_spec.name, dead):
+        await wait_for(dead.count, timeout=TIMEOUT, message="the dead letter")
+    assert main.deliveries == []
+    attributes = dead.deliveries[0].attributes
+    assert attributes["job_id"] == "7"
+    assert attributes["x-dead-letter-source"] == spec.name
+    assert attributes["x-delivery-attempts"] == "1"
+    assert actions(caplog, "message_dead_lettered") == 1
+
+
+async def test_max_attempts_without_dead_letter_topic_drops_loudly(
+    broker: PostgresBroker, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    spec = await make_subscription(broker, max_delivery_attempts=2)
+
+    async def refuse(delivery: Delivery) -> None:
+        raise Nack("no", delay=0)
+
+    recorder = Recorder(refuse)
+    await broker.publish(spec.topic, Message(b"x"))
+    assert await drain(broker, spec.name, recorder) == 2
+    assert recorder.attempts(b"x") == [1, 2]
+    assert await rows(engine, spec.name) == []
+    assert actions(caplog, "message_dropped") == 1
+
+
+async def test_nack_delay_overrides_backoff(broker: PostgresBroker) -> None:
+    spec = await make_subscription(broker, min_backoff_seconds=NEVER, max_backoff_seconds=NEVER)
+
+    async def once_now(delivery: Delivery) -> None:
+        if delivery.delivery_attempt == 1:
+            raise Nack("again, at once", delay=0)
+
+    recorder = Recorder(once_now)
+    await broker.publish(spec.topic, Message(b"x"))
+    assert await drain(broker, spec.name, recorder) == 2
+    assert recorder.attempts(b"x") == [1, 2]
+
+
+async def test_failed_message_waits_out_its_backoff(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    spec = await make_subscription(broker, min_backoff_seconds=NEVER, max_backoff_seconds=NEVER)
+
+    async def fail(delivery: Delivery) -> None:
+        raise RuntimeError("boom")
+
+    await broker.publish(spec.topic, Message(b"x"))
+    assert await drain(broker, spec.name, Recorder(fail)) == 1
+    assert await drain(broker, spec.name, Recorder()) == 0  # still backing off
+    assert [attempts for _, attempts in await rows(engine, spec.name)] == [1]
+
+
+async def test_long_handler_keeps_its_lease(broker: PostgresBroker, engine: AsyncEngine) -> None:
+    spec = await make_subscription(broker, ack_deadline_seconds=0.5)
+    release = asyncio.Event()
+    recorder = Recorder(lambda _: release.wait())
+    await broker.publish(spec.topic, Message(b"x"))
+    async with subscribed(broker, spec.name, recorder):
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the delivery")
+        first_lease_end = await lease_end(engine, spec.name)
+
+        async def past_first_deadline() -> bool:
+            async with engine.connect() as conn:
+                now = (await conn.execute(text("SELECT now()"))).scalar_one()
+            return bool(now > first_lease_end)
+
+        await wait_for(past_first_deadline, timeout=TIMEOUT, message="the first deadline")
+        assert await lease_end(engine, spec.name) > first_lease_end  # extended
+        assert await rows(engine, spec.name) == [(int(recorder.deliveries[0].message_id), 1)]
+        release.set()
+        await wait_for(lambda: _empty(engine, spec.name), timeout=TIMEOUT, message="the ack")
+    assert recorder.attempts(b"x") == [1]
+
+
+async def lease_end(engine: AsyncEngine, subscription: str) -> Any:
+    async with engine.connect() as conn:
+        query = text("SELECT available_at FROM broker_messages WHERE subscription = :s")
+        return (await conn.execute(query, {"s": subscription})).scalar_one()
+
+
+async def _empty(engine: AsyncEngine, subscription: str) -> bool:
+    return await rows(engine, subscription) == []
+
+
+async def test_close_releases_unfinished_messages(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    spec = await make_subscription(broker)
+    started = Recorder(lambda _: asyncio.Event().wait())  # never finishes
+    await broker.publish(spec.topic, Message(b"x"))
+    task = asyncio.create_task(broker.subscribe(spec.name, started))
+    await wait_for(started.count, timeout=TIMEOUT, message="the delivery")
+    await asyncio.wait_for(broker.close(), TIMEOUT)
+    await asyncio.wait_for(task, TIMEOUT)  # subscribe returns once the broker closes
+    other = PostgresBroker(engine)
+    recorder = Recorder()
+    try:
+        assert await drain(other, spec.name, recorder) == 1  # available again at once
+    finally:
+        await asyncio.wait_for(other.close(), TIMEOUT)
+    assert recorder.attempts(b"x") == [2]
+
+
+async def test_notify_wakes_an_idle_consumer(broker: PostgresBroker) -> None:
+    # With the safety-net poll disabled, a message published while the consumer sleeps
+    # (its next timer is the first message's 60 s ack deadline) can only arrive by NOTIFY.
+    broker.poll_interval = NEVER
+    spec = await make_subscription(broker, ack_deadline_seconds=60.0)
+    recorder = Recorder()
+    async with subscribed(broker, spec.name, recorder):
+        await wait_for(_listening(broker), timeout=TIMEOUT, message="LISTEN")
+        await broker.publish(spec.topic, Message(b"first"))
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the first message")
+        await broker.publish(spec.topic, Message(b"second"))
+        await wait_for(lambda: _at_least(recorder, 2), timeout=10, message="a NOTIFY wake-up")
+    assert recorder.data() == [b"first", b"second"]
+
+
+async def test_consumer_survives_terminated_connections(
+    broker: PostgresBroker, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    broker.poll_interval = NEVER  # recovery must come from reconnecting, not from polling
+    spec = await make_subscription(broker)
+    recorder = Recorder()
+    async with subscribed(broker, spec.name, recorder):
+        await wait_for(_listening(broker), timeout=TIMEOUT, message="LISTEN")
+        await broker.publish(spec.topic, Message(b"before"))
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the first message")
+        await terminate_other_backends(engine)
+
+        async def relistening() -> bool:
+            return broker.listening and actions(caplog, "broker_listening") >= 2
+
+        await wait_for(relistening, timeout=TIMEOUT, message="LISTEN to reconnect")
+        await asyncio.wait_for(broker.publish(spec.topic, Message(b"after")), TIMEOUT)
+        await wait_for(lambda: _at_least(recorder, 2), timeout=TIMEOUT, message="the second")
+    assert recorder.data() == [b"before", b"after"]
+    assert actions(caplog, "broker_listener_lost") >= 1
+    assert actions(caplog, "broker_consumer_error") >= 1
+
+
+async def terminate_other_backends(engine: AsyncEngine) -> None:
+    url = plain_url(engine.url.render_as_string(hide_password=False))
+    admin = await asyncio.wait_for(asyncpg.connect(url), TIMEOUT)
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert killed >= 2  # at least the consumer's and the listener's connections
+    finally:
+        await admin.close()
+
+
+def _listening(broker: PostgresBroker) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return broker.listening
+
+    return probe
+
+
+async def _at_least(recorder: Recorder, count: int) -> bool:
+    return await recorder.count() >= count
