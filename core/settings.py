@@ -147,6 +147,11 @@ class Settings:
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
             ),
         )
+        if settings.broker == "pubsub" and not 5 <= settings.max_delivery_attempts <= 100:
+            raise ConfigError(
+                "BLOGPIPE_MAX_ATTEMPTS must be between 5 and 100 with BLOGPIPE_BROKER=pubsub"
+                " (Pub/Sub dead-letter policies allow no fewer than 5 delivery attempts)"
+            )
         if settings.llm == "openai" and not (settings.openai_api_key or settings.openai_base_url):
             raise ConfigError("BLOGPIPE_LLM=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL)")
         return settings
