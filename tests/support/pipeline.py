@@ -64,11 +64,11 @@ class PipelineProcess:
         self.url = f"http://127.0.0.1:{env['PORT']}"
 
     async def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "blogpipe", "dev"], cwd=REPO, env=self.env,
-            stdout=log, stderr=log, start_new_session=True,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "blogpipe", "dev"], cwd=REPO, env=self.env,
+                stdout=log, stderr=log, start_new_session=True,
+            )
 
         async def ready() -> bool:
             assert self.process is not None
