@@ -19,6 +19,7 @@ BrokerKind = Literal["postgres", "pubsub"]
 TaskQueueKind = Literal["local", "cloudtasks"]
 LLMKind = Literal["offline", "openai"]
 
+DEFAULT_GOOGLE_SEARCH_BASE_URL = "https://customsearch.googleapis.com/customsearch/v1"
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -60,6 +61,13 @@ class Settings:
     webhook_allow_http: bool = False
     openai_structured_mode: str = "json_schema"
     llm_max_concurrency: int = 16
+    openai_stage_models: Mapping[str, str] = field(default_factory=dict)
+    google_search_api_key: str | None = None
+    google_search_engine_id: str | None = None
+    google_search_base_url: str = DEFAULT_GOOGLE_SEARCH_BASE_URL
+    search_blocked_domains: tuple[str, ...] = ()
+    author_name: str = "blogpipe"
+    publisher_name: str = "blogpipe"
 
     max_delivery_attempts: int = 5
     stage_lease_seconds: float = 120.0
@@ -136,6 +144,20 @@ class Settings:
                 "OPENAI_STRUCTURED_MODE", ("json_schema", "json_object", "prompt"), "json_schema"
             ),
             llm_max_concurrency=reader.integer("BLOGPIPE_LLM_CONCURRENCY", 16, minimum=1),
+            openai_stage_models={
+                stage: model
+                for stage in ("research", "outline", "draft", "seo")
+                if (model := reader.text(f"OPENAI_MODEL_{stage.upper()}"))
+            },
+            google_search_api_key=reader.text("GOOGLE_SEARCH_API_KEY"),
+            google_search_engine_id=reader.text("GOOGLE_SEARCH_ENGINE_ID"),
+            google_search_base_url=reader.url("GOOGLE_SEARCH_BASE_URL")
+            or DEFAULT_GOOGLE_SEARCH_BASE_URL,
+            search_blocked_domains=tuple(
+                domain.lower().removeprefix("www.") for domain in reader.csv("SEARCH_BLOCKED_DOMAINS")
+            ),
+            author_name=reader.text("BLOGPIPE_AUTHOR_NAME") or "blogpipe",
+            publisher_name=reader.text("BLOGPIPE_PUBLISHER_NAME") or "blogpipe",
             max_delivery_attempts=reader.integer("BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
             stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 120.0, minimum=1.0),
             ack_deadline_seconds=reader.number("BLOGPIPE_ACK_DEADLINE", 60.0, minimum=1.0),
