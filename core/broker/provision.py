@@ -2,8 +2,9 @@
 
 Every topic gets a dead-letter topic and a subscription draining it; every stage
 gets its worker subscription and the notifier its events subscription. With a
-``push_endpoint`` the stage subscriptions become push subscriptions to
-``{push_endpoint}/pubsub/push/{subscription}`` (a stage served by ``api.push``).
+``push_endpoint`` the stage subscriptions, and the dead-letter subscriptions of the
+stage topics, become push subscriptions to ``{push_endpoint}/pubsub/push/{subscription}``
+(stages served by ``api.push``, e.g. on Cloud Run); the notifier's stay pull.
 """
 
 from __future__ import annotations
@@ -78,21 +79,26 @@ async def provision(
             push_endpoint=push,
         )
 
+    stage_topics = {stage_topic(stage) for stage in STAGES}
     for topic in pipeline_topics():
         dead_letters = dead_letter_topic(topic)
-        for name in (topic, dead_letters):
-            await broker.ensure_topic(name)
-            ensured.append(Ensured("topic", name))
-        # Dead letters are kept for an operator (or the stage runner) to inspect, so
-        # the subscription draining them has no dead-letter topic of its own.
+        name = dead_letter_subscription(topic)
+        for each in (topic, dead_letters):
+            await broker.ensure_topic(each)
+            ensured.append(Ensured("topic", each))
+        # The stage runner drains a stage's dead letters (it fails the job), so in push
+        # mode they are pushed too. A dead letter has nowhere further to go: the
+        # subscription draining it has no dead-letter topic of its own.
+        push = push_url(push_endpoint, name) if push_endpoint and topic in stage_topics else None
         await subscription(
             SubscriptionSpec(
-                name=dead_letter_subscription(topic),
+                name=name,
                 topic=dead_letters,
                 max_delivery_attempts=max_delivery_attempts,
                 ack_deadline_seconds=ack_deadline_seconds,
                 min_backoff_seconds=min_backoff,
                 max_backoff_seconds=max_backoff,
+                push_endpoint=push,
             )
         )
 

@@ -220,7 +220,13 @@ async def test_provision_with_push_endpoint_makes_push_subscriptions(broker: Pub
     assert (
         "push to https://stages.example/pubsub/push/blog-seo-worker" in described["blog-seo-worker"]
     )
+    stage_dead_letters = dead_letter_subscription(stage_topic("seo"))
+    assert (
+        f"push to https://stages.example/pubsub/push/{stage_dead_letters}"
+        in (described[stage_dead_letters])
+    )
     assert "pull" in described[NOTIFIER_SUBSCRIPTION]
+    assert "pull" in described[dead_letter_subscription(EVENTS_TOPIC)]
     path = broker.subscription_path("blog-seo-worker")
     stored = await asyncio.to_thread(broker.admin.get_subscription, subscription=path)
     assert stored.push_config.push_endpoint == "https://stages.example/pubsub/push/blog-seo-worker"
