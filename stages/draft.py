@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
-from core.errors import RetryableError
-from core.llm import LLM, LLMRequest
+from core.errors import RetryableError, StageError
+from core.llm import LLM, LLMRequest, LLMResponse
 from stages.base import ProgressReporter, StageInput, StageResult
 from stages.markdown_doc import word_count
 from stages.models import Outline
 from stages.outline import planned_words
 from stages.placeholder import placeholder_draft
-from stages.prompts import DRAFT_SYSTEM, user_message
+from stages.prompts import (
+    DRAFT_LENGTH_SYSTEM,
+    DRAFT_SYSTEM,
+    content_requirements,
+    user_message,
+)
 from stages.stage_output import earlier_output, stage_result, stored_model
 
 CHARS_PER_WORD = 6.2
 """Average Markdown characters per counted word, to turn streamed text into a fraction."""
 REPORT_STEPS = (0.25, 0.5, 0.75)
 """Fractions of the stage at which streamed progress is reported (a few, not per chunk)."""
+LENGTH_TOLERANCE = 0.15
+"""How far outside the length band a draft may be before it gets a corrective pass."""
 _WRAPPING_FENCE = re.compile(r"^\s*```(?:markdown|md)?\s*\n(.*)\n```\s*$", re.DOTALL)
 
 
@@ -49,9 +57,45 @@ def clean_markdown(text: str) -> str:
 
 def _numbered_sources(research: dict[str, Any]) -> list[dict[str, Any]]:
     return [
-        {"number": index, "title": s.get("title"), "url": s.get("url"), "snippet": s.get("snippet")}
+        {
+            "number": index,
+            "id": s.get("id"),
+            "title": s.get("title"),
+            "url": s.get("url"),
+            "snippets": s.get("snippets") or [],
+        }
         for index, s in enumerate(research.get("sources", []), start=1)
     ]
+
+
+def _facts(research: dict[str, Any], numbers: dict[str, int]) -> list[dict[str, Any]]:
+    """Research facts with their sources as citation numbers."""
+    return [
+        {
+            "claim": fact.get("claim"),
+            "cite": [numbers[i] for i in fact.get("source_ids") or [] if i in numbers],
+        }
+        for fact in research.get("facts") or []
+    ]
+
+
+def _outline_context(outline: Outline, numbers: dict[str, int]) -> dict[str, Any]:
+    """The outline as the writer sees it: section source ids become ``cite`` numbers."""
+    plan = outline.model_dump(mode="json")
+    for section in plan["sections"]:
+        section["cite"] = [numbers[i] for i in section.pop("source_ids") if i in numbers]
+    return plan
+
+
+def length_off_band(words: int, band: tuple[int, int]) -> bool:
+    """Whether ``words`` misses the band by more than the tolerance (15%)."""
+    low, high = band
+    return words < low * (1 - LENGTH_TOLERANCE) or words > high * (1 + LENGTH_TOLERANCE)
+
+
+def _distance(words: int, band: tuple[int, int]) -> int:
+    low, high = band
+    return max(low - words, words - high, 0)
 
 
 class DraftStage:
@@ -60,17 +104,26 @@ class DraftStage:
     name = "draft"
 
     async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
-        """Produce the Markdown draft."""
+        """Produce the Markdown draft; one corrective pass if its length is far off."""
         request = stage_input.request
         research = earlier_output(stage_input, "research")
-        outline = stored_model(earlier_output(stage_input, "outline"), Outline)
+        stored = earlier_output(stage_input, "outline")
+        # Outlines stored before sections named their sources have no source_ids.
+        stored["sections"] = [
+            {"source_ids": [], **section} for section in stored.get("sections") or []
+        ]
+        outline = stored_model(stored, Outline)
         sources = _numbered_sources(research) if request.use_citations else []
+        numbers = {str(s["id"]): s["number"] for s in sources if s["id"]}
         expected = planned_words(outline, request)
         context: dict[str, Any] = {
-            "outline": outline.model_dump(mode="json"),
+            "outline": _outline_context(outline, numbers),
             "citations_enabled": bool(sources),
             "sources": sources,
+            "facts": _facts(research, numbers),
             "semantic_keywords": research.get("semantic_keywords", []),
+            "entities": research.get("entities", []),
+            "requirements": content_requirements(request),
             "total_words": expected,
         }
         progress = StreamProgress(stage_input.report, expected)
@@ -87,8 +140,64 @@ class DraftStage:
             ),
             on_text=progress,
         )
-        if not isinstance(response.output, str) or not response.output.strip():
-            raise RetryableError("the draft came back empty")
-        markdown = clean_markdown(response.output)
-        output = {"markdown": markdown, "word_count": word_count(markdown)}
-        return stage_result(response, output)
+        markdown = _markdown(response)
+        warnings: list[str] = []
+        band = request.word_band
+        words = word_count(markdown)
+        if length_off_band(words, band):
+            await stage_input.report(0.95, f"Adjusting the length: {words} words written")
+            try:
+                fixed, response = await self._correct_length(
+                    stage_input, llm, markdown, words, expected, response
+                )
+            except StageError as exc:
+                # The first draft is still an article; a failed rewrite should not lose it.
+                fixed = markdown
+                warnings.append(f"The corrective length pass failed: {exc}")
+            fixed_words = word_count(fixed)
+            if _distance(fixed_words, band) < _distance(words, band):
+                markdown, words = fixed, fixed_words
+            if length_off_band(words, band):
+                warnings.append(
+                    f"The draft has {words} words, more than {LENGTH_TOLERANCE:.0%} outside the "
+                    f"requested {band[0]}-{band[1]} even after a corrective pass"
+                )
+        output = {"markdown": markdown, "word_count": words}
+        return stage_result(response, output, warnings)
+
+    async def _correct_length(
+        self,
+        stage_input: StageInput,
+        llm: LLM,
+        markdown: str,
+        words: int,
+        expected: int,
+        first: LLMResponse,
+    ) -> tuple[str, LLMResponse]:
+        """One rewrite towards ``expected`` words; the response carries the usage of both."""
+        request = stage_input.request
+        context = {
+            "article": markdown,
+            "word_count": words,
+            "word_range": list(request.word_band),
+            "target_words": expected,
+        }
+        second = await llm.generate(
+            LLMRequest(
+                stage=self.name,
+                system=DRAFT_LENGTH_SYSTEM,
+                user=user_message(request, context),
+                output_type=None,
+                offline=lambda: markdown,
+                max_tokens=max(2000, int(expected * 2.2)),
+                temperature=0.4,
+            )
+        )
+        combined = replace(second, usage=first.usage + second.usage)
+        return _markdown(second), combined
+
+
+def _markdown(response: LLMResponse) -> str:
+    if not isinstance(response.output, str) or not response.output.strip():
+        raise RetryableError("the draft came back empty")
+    return clean_markdown(response.output)

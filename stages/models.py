@@ -21,24 +21,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Source(_Strict):
-    """A reference the article may cite."""
+class SuggestedSource(_Strict):
+    """A reference the LLM proposes when no web search ran (unverified)."""
 
+    id: str = Field(description="Short id such as S1, used by facts to cite it.")
     title: str
     url: str
     snippet: str
 
 
-class ResearchBrief(_Strict):
-    """What the research stage learned about the topic."""
+class Perspective(_Strict):
+    """A point of view on the topic (a kind of reader or expert) and what it asks."""
+
+    perspective: str
+    questions: list[str]
+
+
+class Fact(_Strict):
+    """A claim the article may make, with the ids of the sources that support it."""
+
+    claim: str
+    source_ids: list[str]
+
+
+class ResearchNotes(_Strict):
+    """What the research stage learned about the topic from the sources it was given."""
 
     summary: str
     search_intent: SearchIntent
+    perspectives: list[Perspective] = Field(description="3 to 6 distinct perspectives.")
     key_points: list[str]
     audience_insights: list[str]
     questions: list[str] = Field(description="Questions readers ask about the topic.")
     semantic_keywords: list[str]
-    sources: list[Source]
+    facts: list[Fact] = Field(description="Claims grounded in the sources, citing their ids.")
+    entities: list[str] = Field(description="People, organisations, products, places named.")
+    competitor_headings: list[str] = Field(
+        description="Headings that ranking articles on this topic commonly use."
+    )
+
+
+class ResearchBrief(ResearchNotes):
+    """Research written by the LLM alone, with the sources it suggests (no web search)."""
+
+    sources: list[SuggestedSource]
 
 
 class OutlineSubsection(_Strict):
@@ -54,6 +80,7 @@ class OutlineSection(_Strict):
     heading: str
     target_words: int
     key_points: list[str]
+    source_ids: list[str] = Field(description="Ids of the research sources this section uses.")
     subsections: list[OutlineSubsection]
 
 

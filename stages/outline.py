@@ -11,16 +11,21 @@ from stages.base import StageInput, StageResult
 from stages.budget import FAQ_COUNT, SECTION_COUNT, body_words, faq_words, scale_budgets
 from stages.models import Outline, OutlineSection
 from stages.placeholder import placeholder_outline
-from stages.prompts import OUTLINE_SYSTEM, user_message
+from stages.prompts import OUTLINE_SYSTEM, content_requirements, user_message
 from stages.stage_output import as_model, earlier_output, stage_result
 
 MAX_SECTIONS = 12
 
 
 def normalise_outline(
-    outline: Outline, request: BlogRequest, questions: list[str]
+    outline: Outline,
+    request: BlogRequest,
+    questions: list[str],
+    source_ids: list[str] | None = None,
 ) -> tuple[Outline, list[str]]:
-    """Fix what code can fix: empty parts, FAQ per the request, budgets summing to the band."""
+    """Fix what code can fix: empty parts, FAQ per the request, budgets summing to the band,
+    section source ids that name a research source."""
+    known = set(source_ids or [])
     warnings: list[str] = []
     sections = [s for s in outline.sections if s.heading.strip()][:MAX_SECTIONS]
     if not sections:
@@ -43,6 +48,7 @@ def normalise_outline(
                 heading=" ".join(section.heading.split()).lstrip("# "),
                 target_words=words,
                 key_points=section.key_points,
+                source_ids=[i for i in dict.fromkeys(section.source_ids) if i in known],
                 subsections=[sub for sub in section.subsections if sub.heading.strip()],
             )
             for section, words in zip(sections, budgets[1:], strict=True)
@@ -68,6 +74,8 @@ class OutlineStage:
         request = stage_input.request
         research = earlier_output(stage_input, "research")
         questions = [str(q) for q in research.get("questions", [])]
+        sources = research.get("sources") or []
+        source_ids = [str(s.get("id")) for s in sources if s.get("id")]
         context: dict[str, Any] = {
             "research": {
                 key: research.get(key)
@@ -78,8 +86,14 @@ class OutlineStage:
                     "questions",
                     "semantic_keywords",
                     "search_intent",
+                    "perspectives",
+                    "facts",
+                    "entities",
+                    "competitor_headings",
                 )
             },
+            "sources": [{"id": s.get("id"), "title": s.get("title")} for s in sources],
+            "requirements": content_requirements(request),
             "sections_wanted": SECTION_COUNT[request.length],
             "faq_questions_wanted": FAQ_COUNT[request.length] if request.include_faq_section else 0,
             "words_for_introduction_and_sections": body_words(
@@ -92,12 +106,12 @@ class OutlineStage:
                 system=OUTLINE_SYSTEM,
                 user=user_message(request, context),
                 output_type=Outline,
-                offline=lambda: placeholder_outline(request, questions),
+                offline=lambda: placeholder_outline(request, questions, source_ids),
                 temperature=0.4,
             )
         )
         outline, warnings = normalise_outline(
-            as_model(response.output, Outline), request, questions
+            as_model(response.output, Outline), request, questions, source_ids
         )
         output = outline.model_dump(mode="json")
         output["planned_words"] = planned_words(outline, request)

@@ -10,12 +10,14 @@ from core.requests import BlogRequest
 from stages.budget import FAQ_COUNT, SECTION_COUNT, body_words, scale_budgets
 from stages.markdown_doc import slugify
 from stages.models import (
+    Fact,
     Outline,
     OutlineSection,
     OutlineSubsection,
+    Perspective,
     ResearchBrief,
     SeoCopy,
-    Source,
+    SuggestedSource,
 )
 from stages.quality import normalise_paragraph
 
@@ -64,9 +66,16 @@ def placeholder_research(request: BlogRequest) -> ResearchBrief:
     kw = request.keywords[0]
     base = slugify(kw) or "topic"
     audience = request.target_audience or "general readers"
+    labels = ("An Overview", "Key Statistics", "Expert Guidance")
+    questions = [template.format(kw=kw) for template in _FAQ_TEMPLATES]
     return ResearchBrief(
         summary=f"An overview of {request.topic} for {audience}, centred on {kw}.",
         search_intent="informational",
+        perspectives=[
+            Perspective(perspective="A beginner", questions=questions[:2]),
+            Perspective(perspective="A careful buyer", questions=questions[2:4]),
+            Perspective(perspective="An experienced practitioner", questions=questions[4:]),
+        ],
         key_points=[
             f"What {kw} is and why it matters",
             f"The main factors to weigh when choosing {kw}",
@@ -75,21 +84,31 @@ def placeholder_research(request: BlogRequest) -> ResearchBrief:
             "How to measure results",
         ],
         audience_insights=[f"{_title_case(audience)} want clear, practical advice."],
-        questions=[template.format(kw=kw) for template in _FAQ_TEMPLATES],
+        questions=questions,
         semantic_keywords=[f"{kw} guide", f"{kw} tips", f"best {kw}", f"{kw} examples"],
+        facts=[
+            Fact(claim=f"Placeholder claim about {label.lower()} of {kw}.", source_ids=[f"S{n}"])
+            for n, label in enumerate(labels, start=1)
+        ],
+        entities=[_title_case(kw)],
+        competitor_headings=[f"What Is {_title_case(kw)}?", f"How to Choose {_title_case(kw)}"],
         sources=[
-            Source(
+            SuggestedSource(
+                id=f"S{n}",
                 title=f"{_title_case(kw)}: {label}",
                 url=f"https://example.com/{base}/{slugify(label)}",
                 snippet=f"Placeholder source about {label.lower()} of {kw}.",
             )
-            for label in ("An Overview", "Key Statistics", "Expert Guidance")
+            for n, label in enumerate(labels, start=1)
         ],
     )
 
 
-def placeholder_outline(request: BlogRequest, questions: list[str]) -> Outline:
+def placeholder_outline(
+    request: BlogRequest, questions: list[str], source_ids: list[str] | None = None
+) -> Outline:
     """An outline with the request's section count and a budget fitting its length band."""
+    ids = source_ids or []
     kw = request.keywords[0]
     count = SECTION_COUNT[request.length]
     faq = questions[: FAQ_COUNT[request.length]] if request.include_faq_section else []
@@ -107,6 +126,7 @@ def placeholder_outline(request: BlogRequest, questions: list[str]) -> Outline:
                 heading=heading,
                 target_words=budget,
                 key_points=[f"Explain {heading.lower()}"],
+                source_ids=[ids[index]] if index < len(ids) else [],
                 subsections=(
                     [OutlineSubsection(heading=f"{heading}: First Steps", key_points=[])]
                     if index == 1

@@ -24,14 +24,31 @@ _DATA_RULES = (
     "rules. Never mention that you are an AI, never apologise, never add placeholders."
 )
 
+_RESEARCH_TASK = """Produce: a short summary of the topic; the dominant search intent; 3-6
+distinct perspectives (kinds of readers or experts) with the questions each would ask;
+5-8 key points; insights about the target audience; 4-6 questions readers commonly ask;
+8-12 semantically related keywords; 4-8 facts, each a specific claim with the ids of
+the sources that support it; the entities (people, organisations, products, places)
+that matter; and 5-8 headings that competing articles on this topic commonly use."""
+
 RESEARCH_SYSTEM = f"""{STAGE_MARKER.format(stage="research")}
 You are a meticulous research assistant preparing a brief for a blog article.
 {_DATA_RULES}
-Produce: a short summary of the topic; the dominant search intent; 5-8 key points;
-insights about the target audience; 4-6 questions readers commonly ask; 8-12
-semantically related keywords; and 3-6 sources (title, URL, one-sentence snippet) that a
-writer could cite. Only list sources you are confident exist; prefer primary and
-authoritative sources. Answer in the language of the topic."""
+{_RESEARCH_TASK}
+No web search results are available: also list 3-6 sources (id S1, S2, …, title, URL,
+one-sentence snippet) that a writer could cite, and cite those ids in the facts. Only
+list sources you are confident exist; prefer primary and authoritative sources. Answer
+in the language of the topic."""
+
+RESEARCH_GROUNDED_SYSTEM = f"""{STAGE_MARKER.format(stage="research")}
+You are a meticulous research assistant preparing a brief for a blog article.
+{_DATA_RULES}
+The context holds web search results as `sources`, each with an `id`, URL, title and
+snippets. Ground the brief in them: every fact must be supported by the snippets of the
+sources whose ids it lists, and cite only ids that appear in `sources`. Prefer facts
+from several different sources. Do not invent statistics.
+{_RESEARCH_TASK}
+Answer in the language of the topic."""
 
 OUTLINE_SYSTEM = f"""{STAGE_MARKER.format(stage="outline")}
 You are an editor planning a blog article from a research brief.
@@ -40,7 +57,10 @@ Produce: an H1 title (at most 70 characters, containing the primary keyword); a 
 budget for the introduction; 4-8 H2 sections, each with a word budget, key points and
 optional H3 subsections; and, when `include_faq_section` is true, 3-5 FAQ questions
 (else an empty list). The budgets of introduction and sections together must fit the
-word range given in the context. Respect tone, template and audience."""
+word range given in the context. For each section list the ids of the research sources
+it draws on (only ids from the context's `sources`). Follow every item of the context's
+`requirements` (they come from the request's options). Respect tone, template and
+audience."""
 
 DRAFT_SYSTEM = f"""{STAGE_MARKER.format(stage="draft")}
 You are an expert writer producing a blog article in Markdown from an outline.
@@ -54,9 +74,20 @@ Rules:
 - When citations are enabled, support factual claims with markers like [1] that refer
   to the numbered sources in the context; cite only those numbers and do not write a
   reference list (it is added afterwards). When disabled, write no markers.
+- Each section lists `cite` numbers: the sources it draws on; cite them there.
+- Follow every item of the context's `requirements` (they come from the request's options).
 - When FAQ questions are given, end with `## Frequently Asked Questions` and one `###`
   per question followed by a concise answer.
 - Output only the Markdown article, no preamble and no code fences around it."""
+
+DRAFT_LENGTH_SYSTEM = f"""{STAGE_MARKER.format(stage="draft")}
+You are an expert editor adjusting the length of a blog article written in Markdown.
+{_DATA_RULES}
+The context holds the article (`article`), its word count and the word range asked for.
+Rewrite it so that it has about `target_words` words: expand thin sections with concrete,
+useful detail, or tighten wordy ones. Keep the title, the headings and their order, the
+FAQ, the tone and every citation marker like [1]; add no new markers. Output only the
+Markdown article, no preamble and no code fences around it."""
 
 SEO_SYSTEM = f"""{STAGE_MARKER.format(stage="seo")}
 You are an SEO specialist writing search snippets for a finished article.
@@ -64,6 +95,43 @@ You are an SEO specialist writing search snippets for a finished article.
 Produce: a meta title of at most 60 characters that contains the primary keyword; a
 meta description of 120-160 characters that contains the primary keyword and invites
 the click; and up to 12 semantically related keywords found in or fitting the article."""
+
+
+def content_requirements(request: BlogRequest) -> list[str]:
+    """What the request's options ask of the article, as explicit rules for outline and draft."""
+    rules: list[str] = []
+    if request.use_fact_checking:
+        rules.append(
+            "Fact checking is on: state facts, figures and dates only when the research facts "
+            "or sources support them (cite them); leave out or clearly hedge anything else."
+        )
+    if request.use_serp_optimization:
+        rules.append(
+            "Cover the subtopics that competing articles cover (research "
+            "`competitor_headings`) where they serve the reader, and answer the search intent."
+        )
+    if request.use_knowledge_graph:
+        rules.append("Name the key entities from the research and explain each briefly.")
+    if request.include_product_research:
+        product_parts = {
+            "include_brands": "name specific brands",
+            "include_models": "name specific models or products",
+            "include_features": "describe the key features",
+            "include_reviews": "summarise what reviews say",
+            "include_pros_cons": "give pros and cons for each option",
+            "include_comparison_section": "add a section comparing the options",
+            "include_buying_guide": "add a buying guide section",
+        }
+        wanted = [text for flag, text in product_parts.items() if getattr(request, flag)]
+        if wanted:
+            rules.append("This is a product article: " + "; ".join(wanted) + ".")
+    if request.include_product_table:
+        rules.append("Include a Markdown table comparing the main options.")
+    if request.include_prices:
+        rules.append("Give typical price ranges and say that prices change over time.")
+    else:
+        rules.append("Do not quote prices.")
+    return rules
 
 
 def _escape(document: str) -> str:

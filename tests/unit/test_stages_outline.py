@@ -20,6 +20,7 @@ def _outline(sections: int, words: int, faq: list[str]) -> Outline:
                 heading=f"Section {n}" if n else "   ",
                 target_words=words,
                 key_points=[],
+                source_ids=[],
                 subsections=[OutlineSubsection(heading=" ", key_points=[])],
             )
             for n in range(sections)
