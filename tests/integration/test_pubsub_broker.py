@@ -148,6 +148,48 @@ async def test_nacked_message_is_dead_lettered_after_max_attempts(broker: PubSub
     assert letter.attributes["job_id"] == "j1"
 
 
+async def test_lease_is_extended_while_a_handler_outlives_the_ack_deadline(
+    broker: PubSubBroker,
+) -> None:
+    # No sleeping: a second message nacked with a 1 s backoff is the clock. By its 9th
+    # delivery the 10 s ack deadline of the held message has long passed, so without
+    # lease extension the held message would have been delivered a second time.
+    await broker.ensure_subscription(
+        SubscriptionSpec(
+            name="lease-sub",
+            topic="lease",
+            ack_deadline_seconds=10,
+            dead_letter_topic="lease-dead",
+            max_delivery_attempts=100,
+            min_backoff_seconds=1,
+            max_backoff_seconds=1,
+        )
+    )
+    release = asyncio.Event()
+
+    async def behave(delivery: Delivery) -> None:
+        if delivery.data == b"held":
+            await asyncio.wait_for(release.wait(), 2 * TIMEOUT)
+        elif delivery.delivery_attempt < 9:
+            raise Nack("tick")
+
+    inbox = Inbox(behave)
+
+    def seen(data: bytes) -> list[int]:
+        return [d.delivery_attempt for d in inbox.deliveries if d.data == data]
+
+    async def clock_done() -> bool:
+        return 9 in seen(b"clock")
+
+    async with subscribed(broker, "lease-sub", inbox):
+        await broker.publish("lease", Message(b"held"))
+        await wait_for(lambda: inbox.count(1), timeout=TIMEOUT, message="the held message")
+        await broker.publish("lease", Message(b"clock"))
+        await wait_for(clock_done, timeout=2 * TIMEOUT, message="the clock's 9th delivery")
+        release.set()
+    assert seen(b"held") == [1]
+
+
 async def test_cancelled_subscriber_nacks_running_handlers(broker: PubSubBroker) -> None:
     await broker.ensure_subscription(
         SubscriptionSpec(name="handover-sub", topic="handover", dead_letter_topic="handover-dead")
