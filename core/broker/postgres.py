@@ -20,7 +20,8 @@ from typing import Any
 import asyncpg
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from core.broker import Delivery, Handler, Message, Nack, SubscriptionSpec, backoff_delay
 from core.db.engine import plain_url
@@ -74,6 +75,7 @@ RETURNING m.id, m.data, m.attributes::text, m.attempts"""
 _NEXT_DUE = """
 SELECT extract(epoch FROM min(available_at) - clock_timestamp())::float8
 FROM broker_messages WHERE subscription = $1"""
+# An ack counts even after its lease expired: the work is done, a redelivery would be waste.
 _ACK = "DELETE FROM broker_messages WHERE id = ANY($1::bigint[])"
 # Nack, lease extension and release on shutdown. ``attempts`` fences out a stale lease:
 # once a lease expired and the row was delivered again, the old holder cannot move it.
@@ -120,6 +122,8 @@ class PostgresBroker:
 
     Message ids are queue-row ids: with fan-out each subscription's copy has its own id,
     and ``publish`` returns the first. Topics are implicit (they exist while subscribed).
+    ``poll_interval`` is the safety net: an idle consumer looks anyway after that long,
+    in case a NOTIFY was missed. Each running ``subscribe`` holds one connection of its own.
     """
 
     name = "postgres"
@@ -127,8 +131,12 @@ class PostgresBroker:
     def __init__(
         self, engine: AsyncEngine, *, listen_url: str | None = None, poll_interval: float = 5.0
     ) -> None:
-        self._engine = engine
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Each consumer holds one connection for its lifetime: keep those out of the
+        # application's pool so consumers and stage transactions never starve each other.
+        self._consumer_engine = create_async_engine(
+            engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
         self._listen_url = listen_url or plain_url(engine.url.render_as_string(hide_password=False))
         self.poll_interval = poll_interval
         self._consumers: dict[str, set[_Consumer]] = {}
@@ -251,6 +259,7 @@ class PostgresBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        await self._consumer_engine.dispose()
 
     async def _execute(self, sql: str, params: tuple[Any, ...], what: str) -> list[tuple[Any, ...]]:
         try:
@@ -329,6 +338,7 @@ class _Consumer:
         self.broker, self.name, self.handler, self.drain = broker, subscription, handler, drain
         self.max_in_flight = max(1, max_in_flight)
         self.spec: SubscriptionSpec | None = None
+        self._reload_spec = False  # on idle wake-ups, to see policy changes by others
         self.handled = 0
         self.done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -365,7 +375,7 @@ class _Consumer:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout)
                     except TimeoutError:
-                        self._dirty = True
+                        self._dirty = self._reload_spec = True
         finally:
             await self._shutdown()
             self.done.set()
@@ -373,9 +383,10 @@ class _Consumer:
     async def _step(self) -> float | None:
         """One round of database work; return how long to sleep (None: drain is done)."""
         if self._conn is None:
-            self._conn = await self.broker._autocommit.connect()
+            self._conn = await self.broker._consumer_engine.connect()
         conn = self._conn
-        if self.spec is None:
+        if self.spec is None or self._reload_spec:
+            self._reload_spec = False
             row = (await conn.exec_driver_sql(_SUBSCRIPTION, (self.name,))).mappings().first()
             if row is None:
                 raise BrokerError(f"Subscription {self.name!r} does not exist")
@@ -522,7 +533,7 @@ class _Consumer:
         args = (self.name, exc, self._error_delay)
         _log(logging.WARNING, "broker_consumer_error", message, *args, subscription=self.name)
         await self._drop_connection()
-        self._dirty = True
+        self._dirty = self._reload_spec = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._error_delay)
         self._error_delay = min(5.0, self._error_delay * 2)
@@ -547,7 +558,7 @@ class _Consumer:
         if not (self._outcomes or unfinished) or self.spec is None:
             return
         try:
-            async with self.broker._autocommit.connect() as conn:
+            async with self.broker._consumer_engine.connect() as conn:
                 await asyncio.wait_for(self._settle(conn), 5)
                 if unfinished:
                     await asyncio.wait_for(
