@@ -106,7 +106,7 @@ class Runtime:
             push_endpoint=push_endpoint,
         )
         await self.task_queue.ensure_queue()
-        return [*done, f"task queue {s.task_queue}:{s.cloud_tasks_queue_name}"]
+        return [*(str(item) for item in done), f"task queue {s.task_queue}:{s.cloud_tasks_queue_name}"]
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -136,6 +136,16 @@ class Runtime:
     def start_relay(self) -> None:
         self.spawn(self.dispatcher.run_relay(), "outbox-relay")
 
+    def start_sweeper(self) -> None:
+        """Stuck-job detection and retention (JOB_RETENTION_HOURS, BLOGPIPE_STUCK_AFTER)."""
+        from core.db.sweeper import Sweeper
+
+        s = self.settings
+        requeue = self.task_queue.enqueue if s.task_queue == "local" else None
+        sweeper = Sweeper(self.store, stuck_after=s.stuck_after_seconds,
+                          retention_hours=s.job_retention_hours, requeue=requeue)
+        self.spawn(sweeper.run_forever(interval=s.sweep_interval_seconds), "sweeper")
+
     async def requeue_waiting_jobs(self) -> int:
         """Hand queued jobs to the task queue again (a restart lost the in-process queue)."""
         async with self.engine.connect() as conn:
@@ -159,6 +169,9 @@ class Runtime:
             handlers[stage_subscription(stage)] = runner.handle
             handlers[dead_letter_subscription(stage_topic(stage))] = runner.handle_dead_letter
         routes = [push_route(handlers, push_authorizer(self.settings))]
+        from api.operations import routes as operation_routes
+
+        routes.extend(operation_routes)
         with contextlib.suppress(ImportError):
             from api.webhooks import webhook_routes
 
@@ -253,6 +266,8 @@ class Pipeline:
         if "notifier" in self.components:
             runtime.start_notifier()
         runtime.start_relay()
+        if "api" in self.components:
+            runtime.start_sweeper()
         if "api" in self.components:
             runtime.spawn(serve(runtime.app(), self.settings.host, self.settings.port,
                                 ready=self._started.set), "api")
