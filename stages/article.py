@@ -90,6 +90,8 @@ def compose_article(
     copy: SeoCopy,
     research: Mapping[str, Any],
     citations: list[dict[str, Any]],
+    author: str = "blogpipe",
+    publisher: str = "blogpipe",
 ) -> tuple[dict[str, Any], list[str]]:
     """Every CONTRACT result field except run totals, and the quality warnings."""
     primary = request.keywords[0]
@@ -119,7 +121,14 @@ def compose_article(
         flesch=flesch,
         link_count=len(link_list),
     )
-    report = assess(content, heading_list, word_total, request.word_band)
+    report = assess(
+        content,
+        heading_list,
+        word_total,
+        request.word_band,
+        keywords=request.keywords,
+        flesch=flesch,
+    )
     related = semantic_keywords(
         request, research.get("semantic_keywords", []), copy.semantic_keywords
     )
@@ -137,6 +146,7 @@ def compose_article(
             word_total=word_total,
             band=request.word_band,
             citations_expected=request.use_citations and bool(citations),
+            keyword_count=len(request.keywords),
         )
         quality_score = overall(quality_dimensions)
     article: dict[str, Any] = {
@@ -175,6 +185,8 @@ def compose_article(
             ],
             slug=slug,
             faq=faq,
+            author=author,
+            publisher=publisher,
         ),
         "content_metadata": {
             "headings": _heading_json(heading_list),

@@ -190,7 +190,11 @@ def placeholder_draft(request: BlogRequest, outline: Outline, source_count: int)
     kw = request.keywords[0]
     lines = [f"# {outline.title}", ""]
     intro = prose.paragraphs("the basics", max(outline.intro_target_words - 20, 10), [])
-    lines += [f"This guide explains {kw} step by step, with practical advice you can use.", ""]
+    covers = ", ".join(request.keywords[1:])
+    opening = f"This guide explains {kw} step by step, with practical advice you can use."
+    if covers:
+        opening += f" Along the way it covers {covers}."
+    lines += [opening, ""]
     lines += [paragraph + "\n" for paragraph in intro]
     for index, section in enumerate(outline.sections):
         cite = [sources[index]] if index < len(sources) else []

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stages.citations import REFERENCES_HEADING
-from stages.markdown_doc import CITATION, Heading, paragraphs
+from stages.markdown_doc import CITATION, Heading, paragraphs, plain_text
+from stages.seo_analysis import count_phrase
 
 _BOILERPLATE = re.compile(
     r"(\bas an ai\b|\bas a(?:n ai)? language model\b|\bi(?:'m| am) (?:sorry|unable)\b|"
@@ -17,6 +18,8 @@ _BOILERPLATE = re.compile(
     re.IGNORECASE,
 )
 _REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)
+MIN_READING_EASE = 30.0
+"""Flesch reading ease below this is "very difficult" (academic papers)."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,21 @@ class QualityReport:
     boilerplate: list[str] = field(default_factory=list)
     length: list[str] = field(default_factory=list)
     structure: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)
+    readability: list[str] = field(default_factory=list)
 
     @property
     def issues(self) -> list[str]:
         """Every issue, in a stable order."""
-        return self.citations + self.duplicates + self.boilerplate + self.length + self.structure
+        return (
+            self.citations
+            + self.duplicates
+            + self.boilerplate
+            + self.length
+            + self.structure
+            + self.keywords
+            + self.readability
+        )
 
 
 def _split_references(markdown: str) -> tuple[str, str]:
@@ -103,8 +116,31 @@ def check_structure(heading_list: Sequence[Heading]) -> list[str]:
     return issues
 
 
+def check_keywords(markdown: str, keywords: Sequence[str]) -> list[str]:
+    """Every requested keyword appears in the article's text at least once."""
+    text = plain_text(markdown)
+    return [
+        f"keyword {k!r} does not appear in the article"
+        for k in keywords
+        if count_phrase(text, k) == 0
+    ]
+
+
+def check_readability(flesch: float | None) -> list[str]:
+    """The prose is not "very difficult" to read."""
+    if flesch is None or flesch >= MIN_READING_EASE:
+        return []
+    return [f"reading ease {flesch:.0f} is below {MIN_READING_EASE:.0f} (very difficult)"]
+
+
 def assess(
-    markdown: str, heading_list: Sequence[Heading], word_total: int, band: tuple[int, int]
+    markdown: str,
+    heading_list: Sequence[Heading],
+    word_total: int,
+    band: tuple[int, int],
+    *,
+    keywords: Sequence[str] = (),
+    flesch: float | None = None,
 ) -> QualityReport:
     """Run every check."""
     return QualityReport(
@@ -113,6 +149,8 @@ def assess(
         boilerplate=check_boilerplate(markdown),
         length=check_length(word_total, band),
         structure=check_structure(heading_list),
+        keywords=check_keywords(markdown, keywords),
+        readability=check_readability(flesch),
     )
 
 
@@ -132,20 +170,22 @@ def dimensions(
     word_total: int,
     band: tuple[int, int],
     citations_expected: bool,
+    keyword_count: int = 1,
 ) -> dict[str, float]:
     """0-100 per dimension; the quality score is their mean."""
     citation_score = max(0.0, 100.0 - 25.0 * len(report.citations))
     if not citations_expected:
         citation_score = 100.0
+    coverage = 100.0 * (1 - len(report.keywords) / keyword_count) if keyword_count else 100.0
     return {
-        "readability": round(max(0.0, min(100.0, flesch)), 1),
-        "seo": round(seo, 1),
-        "structure": max(0.0, 100.0 - 25.0 * len(report.structure)),
-        "citations": citation_score,
-        "originality": max(
-            0.0, 100.0 - 30.0 * len(report.duplicates) - 40.0 * len(report.boilerplate)
-        ),
         "length": round(_length_score(word_total, band), 1),
+        "structure": max(0.0, 100.0 - 25.0 * len(report.structure)),
+        "keyword_coverage": round(max(0.0, coverage), 1),
+        "citations": citation_score,
+        "readability": round(max(0.0, min(100.0, flesch)), 1),
+        "duplicates": max(0.0, 100.0 - 30.0 * len(report.duplicates)),
+        "boilerplate": max(0.0, 100.0 - 40.0 * len(report.boilerplate)),
+        "seo": round(seo, 1),
     }
 
 

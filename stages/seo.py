@@ -62,5 +62,7 @@ class SeoStage:
             copy=copy,
             research=research,
             citations=cited.citations,
+            author=stage_input.settings.author_name,
+            publisher=stage_input.settings.publisher_name,
         )
         return stage_result(response, article, [*cited.warnings, *quality_warnings])

@@ -68,6 +68,8 @@ def blog_posting(
     language: str = "en",
     faq: Sequence[FaqEntry] = (),
     published: datetime | None = None,
+    author: str = "blogpipe",
+    publisher: str = "blogpipe",
 ) -> dict[str, Any]:
     """A ``BlogPosting`` JSON-LD document; a ``FAQPage`` is attached as ``hasPart``."""
     stamp = (published or datetime.now(UTC)).isoformat(timespec="seconds")
@@ -83,6 +85,8 @@ def blog_posting(
         "datePublished": stamp,
         "dateModified": stamp,
         "mainEntityOfPage": {"@type": "WebPage", "@id": f"#{slug}"},
+        "author": {"@type": "Person", "name": author},
+        "publisher": {"@type": "Organization", "name": publisher},
     }
     if faq:
         document["hasPart"] = faq_page(faq)

@@ -89,13 +89,22 @@ def usage_from(data: Mapping[str, Any] | None, price: Price | None) -> Usage:
 class InvalidOutputError(RetryableError):
     """The answer never validated against the stage's model; carries the usage spent."""
 
+    def __init__(self, message: str, usage: Usage, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.attempts = attempts
+
+
+class TruncatedOutputError(RetryableError):
+    """The answer hit the token limit (``finish_reason: length``); carries the usage spent."""
+
     def __init__(self, message: str, usage: Usage) -> None:
         super().__init__(message)
         self.usage = usage
 
 
-class TruncatedOutputError(RetryableError):
-    """The answer hit the token limit (``finish_reason: length``); carries the usage spent."""
+class RefusedError(PermanentError):
+    """The model refused or the content filter stopped it; carries the usage spent."""
 
     def __init__(self, message: str, usage: Usage) -> None:
         super().__init__(message)
@@ -168,6 +177,7 @@ class OpenAILLM:
         if max_concurrency < 1 or validation_attempts < 1:
             raise ConfigError("max_concurrency and validation_attempts must be at least 1")
         self.model = settings.openai_model
+        self.stage_models = dict(settings.openai_stage_models)
         self.structured_mode = structured_mode
         self.validation_attempts = validation_attempts
         self.prices = prices
@@ -204,7 +214,7 @@ class OpenAILLM:
         return usage_from(data, price_for(model, self.prices))
 
     def _options(self, request: LLMRequest) -> dict[str, Any]:
-        options: dict[str, Any] = {"model": self.model}
+        options: dict[str, Any] = {"model": self.stage_models.get(request.stage, self.model)}
         if request.max_tokens is not None:
             options["max_completion_tokens"] = request.max_tokens
         if request.temperature is not None:
@@ -248,6 +258,7 @@ class OpenAILLM:
             f"{request.stage}: the answer did not validate as {model.__name__} after "
             f"{self.validation_attempts} attempts: {str(last_error)[:500]}",
             total,
+            self.validation_attempts,
         )
 
     async def _structured_once(
@@ -269,7 +280,7 @@ class OpenAILLM:
             messages=messages, response_format=model, **options
         )
         data = raw.http_response.json()
-        served_by = str(data.get("model") or self.model)
+        served_by = str(data.get("model") or options["model"])
         usage = self._usage(data.get("usage"), served_by)
         try:
             parsed = raw.parse()
@@ -278,7 +289,9 @@ class OpenAILLM:
                 f"{request.stage}: the answer hit the token limit", spent + usage
             ) from exc
         except openai.ContentFilterFinishReasonError as exc:
-            raise PermanentError(f"{request.stage}: rejected by the content filter") from exc
+            raise RefusedError(
+                f"{request.stage}: rejected by the content filter", spent + usage
+            ) from exc
         except ValidationError:
             content = (data.get("choices") or [{}])[0].get("message", {}).get("content")
             return content, None, usage, served_by
@@ -291,9 +304,9 @@ class OpenAILLM:
     ) -> None:
         """Refusals and content filters are permanent; truncation is retryable."""
         if refusal:
-            raise PermanentError(f"{request.stage}: the model refused: {refusal[:300]}")
+            raise RefusedError(f"{request.stage}: the model refused: {refusal[:300]}", spent)
         if finish == "content_filter":
-            raise PermanentError(f"{request.stage}: rejected by the content filter")
+            raise RefusedError(f"{request.stage}: rejected by the content filter", spent)
         if finish == "length":
             raise TruncatedOutputError(f"{request.stage}: the answer hit the token limit", spent)
 
@@ -315,7 +328,7 @@ class OpenAILLM:
         refusal: list[str] = []
         finish: str | None = None
         usage = Usage()
-        served_by = self.model
+        served_by = str(options["model"])
         stream = await self._client.chat.completions.create(
             messages=messages, stream=True, stream_options={"include_usage": True}, **options
         )

@@ -16,6 +16,7 @@ from core.llm.openai_client import (
     STRUCTURED_MODES,
     InvalidOutputError,
     OpenAILLM,
+    RefusedError,
     TruncatedOutputError,
     price_for,
     usage_from,
@@ -289,3 +290,51 @@ async def test_factory_builds_the_openai_provider(fake: FakeOpenAI) -> None:
 def test_unknown_structured_mode_is_a_config_error(fake: FakeOpenAI) -> None:
     with pytest.raises(ConfigError, match="OPENAI_STRUCTURED_MODE"):
         OpenAILLM(_settings(fake), structured_mode="xml")
+
+
+@pytest.mark.parametrize("mode", STRUCTURED_MODES)
+async def test_refusal_records_the_usage_spent(make_llm: Any, fake: FakeOpenAI, mode: str) -> None:
+    fake.fail("refusal")
+    with pytest.raises(RefusedError) as caught:
+        await within(make_llm(structured_mode=mode).generate(_research()))
+    assert not caught.value.retryable
+    assert caught.value.usage.completion_tokens == fake.usages[0]["completion_tokens"] > 0
+
+
+async def test_streamed_refusal_records_the_usage_spent(make_llm: Any, fake: FakeOpenAI) -> None:
+    fake.fail("refusal")
+    with pytest.raises(RefusedError) as caught:
+        await within(make_llm().generate(_draft()))
+    assert caught.value.usage.prompt_tokens == fake.usages[0]["prompt_tokens"]
+
+
+async def test_invalid_json_error_records_attempts(make_llm: Any, fake: FakeOpenAI) -> None:
+    fake.fail("invalid_json", times=2)
+    with pytest.raises(InvalidOutputError) as caught:
+        await within(make_llm(validation_attempts=2).generate(_research()))
+    assert caught.value.attempts == 2 == fake.calls["research"]
+
+
+async def test_rate_limit_honours_retry_after_ms_and_records_usage(
+    make_llm: Any, fake: FakeOpenAI
+) -> None:
+    # retry-after-ms of 5 ms: the SDK waits that long rather than its default backoff.
+    fake.fail("rate_limit", times=2, retry_after_ms=5)
+    started = asyncio.get_running_loop().time()
+    response = await within(make_llm(max_retries=2).generate(_research()))
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert fake.calls["research"] == 3
+    assert response.usage.prompt_tokens == fake.usages[-1]["prompt_tokens"]
+
+
+async def test_a_stage_can_use_its_own_model(fake: FakeOpenAI) -> None:
+    settings = _settings(fake).with_changes(openai_stage_models={"draft": "gpt-4o"})
+    llm = OpenAILLM(settings, timeout=5.0)
+    try:
+        research = await within(llm.generate(_research()))
+        draft = await within(llm.generate(_draft()))
+    finally:
+        await within(llm.close())
+    assert [body["model"] for body in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+    assert (research.model, draft.model) == ("gpt-4o-mini", "gpt-4o")
+    assert draft.usage.cost > 0

@@ -12,7 +12,7 @@ from core.constants import STAGES
 from core.errors import PermanentError, RetryableError
 from core.llm.offline import OFFLINE_WARNING
 from core.llm.openai_client import STRUCTURED_MODES, OpenAILLM
-from core.requests import BlogRequest
+from core.requests import BlogRequest, Length
 from core.settings import Settings
 from stages.base import StageInput
 from stages.inline import run_inline
@@ -107,3 +107,72 @@ async def test_stage_faults_surface_as_domain_errors(llm: OpenAILLM, fake: FakeO
     fake.fail("length", stage="research")
     with pytest.raises(RetryableError):
         await asyncio.wait_for(run_inline(REQUEST, llm, _settings(fake)), TIMEOUT)
+
+
+MID_BAND = {"short": 450, "medium": 900, "long": 1800, "extended": 3000}
+FAR_BELOW = {"short": 150, "medium": 300, "long": 700, "extended": 1500}
+
+
+async def _generate_with(fake: FakeOpenAI, request: BlogRequest) -> dict[str, Any]:
+    llm = OpenAILLM(_settings(fake), timeout=5.0)
+    try:
+        return await asyncio.wait_for(run_inline(request, llm, _settings(fake)), TIMEOUT)
+    finally:
+        await asyncio.wait_for(llm.close(), TIMEOUT)
+
+
+def _length_warnings(result: dict[str, Any]) -> list[str]:
+    return [w for w in result["warnings"] if "corrective pass" in w]
+
+
+@pytest.mark.parametrize("length", list(Length))
+async def test_an_in_band_draft_passes_without_correction(fake: FakeOpenAI, length: Length) -> None:
+    fake.article_words = MID_BAND[length.value]
+    result = await _generate_with(fake, REQUEST.model_copy(update={"length": length}))
+
+    low, high = REQUEST.model_copy(update={"length": length}).word_band
+    assert low <= result["content_metadata"]["word_count"] <= high
+    assert fake.calls["draft"] == 1
+    assert _length_warnings(result) == []
+    assert result["quality_dimensions"]["length"] == 100.0
+    assert not [w for w in result["warnings"] if "words, below" in w or "words, above" in w]
+
+
+@pytest.mark.parametrize("length", list(Length))
+async def test_a_far_off_draft_gets_one_corrective_pass_then_a_warning(
+    fake: FakeOpenAI, length: Length
+) -> None:
+    fake.article_words = FAR_BELOW[length.value]
+    result = await _generate_with(fake, REQUEST.model_copy(update={"length": length}))
+
+    assert fake.calls["draft"] == 2
+    corrective = fake.requests[-2]  # the seo call comes last
+    assert "adjusting the length" in corrective["messages"][0]["content"]
+    assert "stream" not in corrective or not corrective["stream"]
+    assert result["success"] is True
+    [warning] = _length_warnings(result)
+    assert "outside the requested" in warning
+    draft_tokens = next(e["tokens"] for e in result["stage_results"] if e["stage"] == "draft")
+    draft_usages = [
+        u
+        for u, body in zip(fake.usages, fake.requests, strict=True)
+        if "blogpipe stage: draft" in body["messages"][0]["content"]
+    ]
+    assert len(draft_usages) == 2
+    assert draft_tokens == sum(u["total_tokens"] for u in draft_usages)
+
+
+async def test_a_corrective_pass_that_lands_in_band_leaves_no_warning(fake: FakeOpenAI) -> None:
+    fake.article_lengths = [2400, 900]  # far above medium (600-1200), then in band
+    result = await _generate_with(fake, REQUEST)
+
+    assert fake.calls["draft"] == 2
+    assert 600 <= result["content_metadata"]["word_count"] <= 1200
+    assert _length_warnings(result) == []
+
+
+async def test_a_draft_slightly_off_band_is_not_rewritten(fake: FakeOpenAI) -> None:
+    fake.article_words = 1280  # above 1200 but within 15%
+    result = await _generate_with(fake, REQUEST)
+    assert fake.calls["draft"] == 1
+    assert any("words, above the requested 600-1200" in w for w in result["warnings"])

@@ -156,6 +156,8 @@ class FakeOpenAI:
         self.canned: dict[str, Any] = {}
         self.faults: list[Fault] = []
         self.article_words = 700
+        self.article_lengths: list[int] = []
+        """Word counts of the next articles, one per text answer (then ``article_words``)."""
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.usages: list[dict[str, Any]] = []
@@ -262,7 +264,8 @@ class FakeOpenAI:
         elif schema is not None:
             content = json.dumps(instance_from_schema(schema, schema))
         else:
-            content = sample_article(self.article_words)
+            words = self.article_lengths.pop(0) if self.article_lengths else self.article_words
+            content = sample_article(words)
         if kind == "length":
             return content[: len(content) // 2], None, "length"
         if kind == "content_filter":

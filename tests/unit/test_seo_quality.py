@@ -112,7 +112,7 @@ def test_dimensions_and_overall() -> None:
     scores = dimensions(
         report, flesch=70.0, seo=50.0, word_total=10, band=(300, 600), citations_expected=True
     )
-    assert scores["citations"] < 100 and scores["originality"] < 100 and scores["length"] < 10
+    assert scores["citations"] < 100 and scores["boilerplate"] < 100 and scores["length"] < 10
     assert overall(scores) == round(sum(scores.values()) / len(scores), 1)
     assert overall({}) == 0.0
 

@@ -1,0 +1,130 @@
+"""Every finished result carries a quality score, its dimensions, and a warning per failed check."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core.llm.offline import OFFLINE_WARNING, OfflineLLM
+from core.requests import BlogRequest, Length
+from core.settings import Settings
+from stages.article import compose_article
+from stages.inline import run_inline
+from stages.models import SeoCopy
+from stages.quality import check_keywords, check_readability
+from stages.research import NO_SEARCH_WARNING
+
+DIMENSIONS = {
+    "length",
+    "structure",
+    "keyword_coverage",
+    "citations",
+    "readability",
+    "duplicates",
+    "boilerplate",
+    "seo",
+}
+REQUEST = BlogRequest(
+    topic="Home composting for beginners",
+    keywords=["home composting", "compost bin", "kitchen scraps"],
+)
+
+
+@pytest.mark.parametrize("length", list(Length))
+async def test_offline_result_passes_every_structural_check(length: Length) -> None:
+    request = REQUEST.model_copy(update={"length": length})
+    result = await asyncio.wait_for(run_inline(request, OfflineLLM(), Settings()), 30)
+
+    assert set(result["quality_dimensions"]) == DIMENSIONS
+    assert 0 <= result["quality_score"] <= 100
+    for dimension in (
+        "length",
+        "structure",
+        "keyword_coverage",
+        "citations",
+        "duplicates",
+        "boilerplate",
+    ):
+        assert result["quality_dimensions"][dimension] == 100.0, dimension
+    assert result["quality_dimensions"]["readability"] >= 30
+    assert result["warnings"] == [OFFLINE_WARNING, NO_SEARCH_WARNING]
+    data = result["structured_data"]
+    assert data["author"]["name"] and data["publisher"]["name"]
+
+
+def test_json_ld_author_and_publisher_come_from_settings() -> None:
+    settings = Settings.from_env(
+        {"BLOGPIPE_AUTHOR_NAME": "Ada Writer", "BLOGPIPE_PUBLISHER_NAME": "Compost Weekly"}
+    )
+    assert (settings.author_name, settings.publisher_name) == ("Ada Writer", "Compost Weekly")
+    article, _ = compose_article(
+        REQUEST,
+        content=GOOD,
+        title="Home Composting",
+        copy=SeoCopy(meta_title="Home composting", meta_description="x", semantic_keywords=[]),
+        research={},
+        citations=[],
+        author=settings.author_name,
+        publisher=settings.publisher_name,
+    )
+    assert article["structured_data"]["author"] == {"@type": "Person", "name": "Ada Writer"}
+    assert article["structured_data"]["publisher"]["name"] == "Compost Weekly"
+
+
+GOOD = (
+    "# Home Composting\n\nHome composting turns kitchen scraps into soil in a compost bin.\n\n"
+    "## Start\n\nPick a spot.\n\n## Keep Going\n\nTurn the pile.\n"
+)
+REPEATED = (
+    "Compost needs air and water and patience, and the pile should be turned every week or so."
+)
+BAD = (
+    "# Home Composting\n\n# Second Title\n\n"
+    "As an AI, I cannot garden. Notwithstanding multitudinous considerations, decomposition "
+    "necessitates comprehensive understanding of microbiological transformation processes [4].\n\n"
+    f"## Only Section\n\n{REPEATED}\n\n{REPEATED}\n"
+)
+
+
+def test_each_failed_check_lowers_its_dimension_and_warns() -> None:
+    article, warnings = compose_article(
+        REQUEST,
+        content=BAD,
+        title="Home Composting",
+        copy=SeoCopy(meta_title="Home composting", meta_description="x", semantic_keywords=[]),
+        research={},
+        citations=[{"text": "t", "url": "https://a.example", "title": "A", "number": 1}],
+    )
+    scores = article["quality_dimensions"]
+    assert set(scores) == DIMENSIONS
+    for dimension in (
+        "length",
+        "structure",
+        "keyword_coverage",
+        "citations",
+        "duplicates",
+        "boilerplate",
+    ):
+        assert scores[dimension] < 100, dimension
+    assert article["quality_score"] == round(sum(scores.values()) / len(scores), 1)
+    assert all(w.startswith("Quality check: ") for w in warnings)
+    text = "\n".join(warnings)
+    for expected in (
+        "citation [4] has no reference",
+        "duplicate paragraph",
+        "boilerplate phrase",
+        "below the requested",
+        "H1 headings",
+        "keyword 'compost bin'",
+    ):
+        assert expected in text, expected
+
+
+def test_keyword_and_readability_checks() -> None:
+    assert check_keywords(GOOD, REQUEST.keywords) == []
+    assert check_keywords("# T\n\nNothing here.\n", ["compost bin"]) == [
+        "keyword 'compost bin' does not appear in the article"
+    ]
+    assert check_readability(65.0) == [] and check_readability(None) == []
+    assert "below 30" in check_readability(12.0)[0]
