@@ -59,7 +59,16 @@ async def generate_enhanced(request: Request) -> Response:
         if deps.run_inline is None:
             return detail(503, "Synchronous generation is not available here; use async_mode=true")
         return JSONResponse(await deps.run_inline(blog))
-    job = await deps.jobs.create(blog)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        from api.operations import idempotent_job
+
+        created = await idempotent_job(request, blog, key)
+        if isinstance(created, Response):
+            return created
+        job = created
+    else:
+        job = await deps.jobs.create(blog)
     try:
         await deps.task_queue.enqueue(job.id, blog.model_dump(mode="json"))
     except BlogpipeError as exc:

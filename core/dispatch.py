@@ -48,11 +48,24 @@ class Dispatcher:
         return int(row.scalar_one())
 
     async def flush(self, outbox_ids: Sequence[int | None]) -> int:
-        """Publish the given outbox rows now (after their transaction committed)."""
+        """Publish the given outbox rows now (after their transaction committed).
+
+        A failure here is logged, not raised: the state change is committed and the rows
+        stay in the outbox, where the relay publishes them within seconds.
+        """
         ids = [outbox_id for outbox_id in outbox_ids if outbox_id is not None]
         if not ids:
             return 0
-        return await self._publish_rows("id = ANY(:ids)", {"ids": ids})
+        try:
+            return await self._publish_rows("id = ANY(:ids)", {"ids": ids})
+        except Exception as exc:
+            logger.warning(
+                "Publishing %d outbox message(s) failed (%s); the relay will retry",
+                len(ids),
+                exc,
+                extra={"action": "outbox_publish_failed", "count": len(ids)},
+            )
+            return 0
 
     async def relay_once(self, *, older_than: float = 2.0, limit: int = 200) -> int:
         """Publish outbox rows left behind (a crash between commit and publish)."""

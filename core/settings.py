@@ -75,6 +75,10 @@ class Settings:
     min_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60.0
     db_pool_size: int = 10
+    job_retention_hours: float = 24.0
+    stuck_after_seconds: float = 600.0
+    sweep_interval_seconds: float = 30.0
+    replay_cap: int = 100
     public_base_url: str | None = None
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +168,10 @@ class Settings:
             min_backoff_seconds=reader.number("BLOGPIPE_MIN_BACKOFF", 1.0, minimum=0.0),
             max_backoff_seconds=reader.number("BLOGPIPE_MAX_BACKOFF", 60.0, minimum=0.0),
             db_pool_size=reader.integer("BLOGPIPE_DB_POOL_SIZE", 10, minimum=1, maximum=500),
+            job_retention_hours=reader.number("JOB_RETENTION_HOURS", 24.0, minimum=0.0),
+            stuck_after_seconds=reader.number("BLOGPIPE_STUCK_AFTER", 600.0, minimum=1.0),
+            sweep_interval_seconds=reader.number("BLOGPIPE_SWEEP_INTERVAL", 30.0, minimum=0.1),
+            replay_cap=reader.integer("BLOGPIPE_REPLAY_CAP", 100, minimum=1),
             public_base_url=reader.url("BLOGPIPE_PUBLIC_URL"),
             log_level=reader.choice(
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from core.broker import Delivery, Nack
 from core.constants import STAGE_PROGRESS
+from core.db.dead_letters import DeadLetterStore
 from core.db.pipeline import Claim, PipelineStore, Skip, StageOutcome
 from core.errors import StageError
 from core.events import StageMessage
@@ -39,6 +40,7 @@ class StageRunner:
         self.store = store
         self.llm = llm
         self.settings = settings
+        self.dead_letters = DeadLetterStore(store, max_attempts=settings.max_delivery_attempts)
 
     async def handle(self, delivery: Delivery) -> None:
         """Handle one delivery: return to ack, raise ``Nack`` to retry."""
@@ -81,22 +83,19 @@ class StageRunner:
                     extra=self._extra(claim, "stage_finished" if state == "committed" else "stage_discarded"))
 
     async def handle_dead_letter(self, delivery: Delivery) -> None:
-        """A message exhausted its attempts: fail the job at this stage with the last error."""
+        """A message exhausted its attempts: fail the job at this stage, or re-drive it when
+        the attempts were lost to dead workers rather than spent on errors."""
         try:
             message = StageMessage.from_bytes(delivery.data)
         except Exception:
             logger.error("Dropping malformed dead letter %s", delivery.message_id,
                          extra={"action": "dead_letter_malformed"})
             return
-        last = await self.store.last_failure(message)
-        attempts = last.get("attempts") or delivery.attributes.get("x-delivery-attempts")
-        error = last.get("error") or "delivery attempts exhausted"
-        text = f"Stage {message.stage} failed after {attempts} attempt(s): {error}"
-        details = {"type": last.get("error_type") or "DeadLetter", "message": error,
-                   "attempts": int(attempts) if attempts else None, "stage": message.stage}
-        if await self.store.fail_job(message.job_id, message.generation, message.stage, text, details):
-            logger.error("Job %s dead-lettered at %s", message.job_id, message.stage,
-                         extra={"action": "stage_dead_lettered", "job_id": str(message.job_id)})
+        raw = delivery.attributes.get("x-delivery-attempts") or delivery.attributes.get(
+            "CloudPubSubDeadLetterSourceDeliveryCount")
+        attempts = int(raw) if raw and str(raw).isdigit() else None
+        await self.dead_letters.handle(message, subscription=delivery.subscription,
+                                       message_id=delivery.message_id, attempts=attempts)
 
     async def _run(self, claim: Claim) -> StageResult:
         request = BlogRequest.model_validate(claim.request)

@@ -23,6 +23,17 @@ metadata = MetaData()
 
 NOW = text("now()")
 
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant", Text, nullable=False, server_default="default"),
+    Column("size", Integer, nullable=False),
+    Column("callback_url", Text),
+    Column("metadata", JSONB),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
 jobs = Table(
     "jobs",
     metadata,
@@ -43,8 +54,10 @@ jobs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("started_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
+    Column("batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="SET NULL")),
     Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
     Index("ix_jobs_status_updated", "status", "updated_at"),
+    Index("ix_jobs_batch", "batch_id"),
 )
 
 stage_runs = Table(
@@ -198,4 +211,85 @@ broker_messages = Table(
     Column("available_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("ix_broker_messages_ready", "subscription", "available_at", "id"),
+)
+
+# Submission idempotency: a repeated Idempotency-Key (same tenant, within 24 h) returns
+# the job it created; ``request_hash`` tells a retry from a different request.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("request_hash", Text, nullable=False),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_idempotency_keys_created", "created_at"),
+)
+
+# Who replayed, cancelled or re-drove a job, when, why, and the generation it produced.
+job_operations = Table(
+    "job_operations",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("action", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text),
+    Column("from_stage", Text),
+    Column("previous_status", Text),
+    Column("generation", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("ix_job_operations_job", "job_id", "id"),
+)
+
+# Stage messages that reached a dead-letter topic, and what the dead-letter consumer did.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", Text, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("subscription", Text, nullable=False),
+    Column("message_id", Text),
+    Column("attempts", Integer),
+    Column("outcome", Text, nullable=False),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("replayed_at", DateTime(timezone=True)),
+    Index("ix_dead_letters_created", "created_at"),
+    Index("ix_dead_letters_job", "job_id"),
+)
+
+# API keys: only a SHA-256 of the key is stored; ``prefix`` (the first characters) lets an
+# operator recognise a key in ``blogpipe keys list`` without being able to use it.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("tenant", Text, nullable=False),
+    Column("name", Text),
+    Column("prefix", Text, nullable=False),
+    Column("key_hash", Text, nullable=False),
+    Column("scopes", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("last_used_at", DateTime(timezone=True)),
+    Index("ux_api_keys_hash", "key_hash", unique=True),
+    Index("ix_api_keys_tenant", "tenant", "created_at"),
+)
+
+# Operator actions (replay, cancel, redeliver, key changes): who, when, what, on what.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("tenant", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("key_id", Text),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Index("ix_audit_log_tenant", "tenant", "occurred_at"),
 )
