@@ -1,0 +1,222 @@
+"""What every scenario stands on: the database server, fresh databases, child processes
+(with their peak RSS), and the facts about the machine that go into the results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / ".blogpipe" / "bench"  # .blogpipe/ is git-ignored
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+class BenchError(RuntimeError):
+    """A scenario could not run (missing dependency, process died, timeout)."""
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database ``name``."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def server_url() -> str:
+    """``DATABASE_URL`` when set, else the embedded PostgreSQL under ``.blogpipe/bench``."""
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        from core.db.engine import start_embedded_postgres
+
+        url = start_embedded_postgres(DATA_DIR)
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+class Databases:
+    """Fresh databases for each run, cloned from one migrated template."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.template = f"bench_tpl_{uuid.uuid4().hex[:8]}"
+        self.created: list[str] = []
+
+    async def _admin(self) -> asyncpg.Connection:
+        return await asyncio.wait_for(asyncpg.connect(with_database(self.url, "postgres")), 30)
+
+    async def prepare(self) -> None:
+        from core.db.engine import asyncpg_url, create_engine
+        from core.db.migrate import upgrade
+
+        conn = await self._admin()
+        try:
+            await conn.execute(f'CREATE DATABASE "{self.template}"')
+        finally:
+            await conn.close()
+        engine = create_engine(asyncpg_url(with_database(self.url, self.template)), pool_size=1)
+        try:
+            await asyncio.wait_for(upgrade(engine), 120)
+        finally:
+            await engine.dispose()
+
+    async def fresh(self, *, migrated: bool = True) -> str:
+        """A new database (with blogpipe's schema unless ``migrated`` is False); its URL."""
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        conn = await self._admin()
+        try:
+            template = f' TEMPLATE "{self.template}"' if migrated else ""
+            await conn.execute(f'CREATE DATABASE "{name}"{template}')
+        finally:
+            await conn.close()
+        self.created.append(name)
+        return with_database(self.url, name)
+
+    async def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        conn = await self._admin()
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        with contextlib.suppress(ValueError):
+            self.created.remove(name)
+
+    async def close(self) -> None:
+        conn = await self._admin()
+        try:
+            for name in [*self.created, self.template]:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+class Child:
+    """A child process in its own session, with a peak-RSS sampler over it and its children."""
+
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path, *, name: str
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                list(argv), cwd=REPO, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.peak_rss = 0
+        self._sampler: asyncio.Task[None] | None = None
+
+    def rss(self) -> int:
+        """Resident memory of the process and all its descendants, in bytes."""
+        try:
+            root = psutil.Process(self.process.pid)
+            total = root.memory_info().rss
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            return int(total)
+        except psutil.Error:
+            return 0
+
+    def start_sampling(self, interval: float = 0.1) -> None:
+        async def sample() -> None:
+            while True:
+                self.peak_rss = max(self.peak_rss, self.rss())
+                await asyncio.sleep(interval)
+
+        self._sampler = asyncio.create_task(sample(), name=f"rss-{self.name}")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchError(f"{self.name} exited ({self.process.returncode}):\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                await asyncio.to_thread(self.process.wait, 10)
+
+
+async def wait_until_ready(child: Child, url: str, timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200, failing fast if the child dies."""
+    from bench.httpio import HttpConnection
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child.check_alive()
+        try:
+            conn = await HttpConnection.open(url)
+            try:
+                status, _ = await asyncio.wait_for(conn.request("GET", urlsplit(url).path), 2)
+            finally:
+                conn.close()
+            if status == 200:
+                return
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        await asyncio.sleep(0.1)
+    raise BenchError(f"{child.name} not ready at {url} after {timeout}s:\n{child.log_tail()}")
+
+
+def python() -> str:
+    return sys.executable
+
+
+async def machine_info(db_url: str) -> dict[str, object]:
+    """Cores, memory, Python and PostgreSQL versions, for the results file."""
+    conn = await asyncio.wait_for(asyncpg.connect(with_database(db_url, "postgres")), 30)
+    try:
+        pg_version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "postgres": pg_version,
+        "postgres_source": "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded",
+        "platform": platform.platform(),
+    }
