@@ -13,6 +13,7 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from api.app import create_app
 from api.caller_auth import push_authorizer, worker_authorizer
@@ -168,7 +169,7 @@ class Runtime:
             runner = self.stage_runner(stage)
             handlers[stage_subscription(stage)] = runner.handle
             handlers[dead_letter_subscription(stage_topic(stage))] = runner.handle_dead_letter
-        routes = [push_route(handlers, push_authorizer(self.settings))]
+        routes: list[BaseRoute] = [push_route(handlers, push_authorizer(self.settings))]
         from api.operations import routes as operation_routes
 
         routes.extend(operation_routes)
@@ -215,7 +216,6 @@ async def serve(app: Starlette, host: str, port: int, *, ready: Callable[[], Non
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                             access_log=False)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.ensure_future(server.serve())
     try:
         while not server.started:

@@ -187,7 +187,7 @@ class JobRepository:
             estimate = await self._estimated_total(conn)
         return status_document(job, updates, stages, estimate)
 
-    async def list(
+    async def page(
         self,
         *,
         tenant: str | None = None,
@@ -256,7 +256,7 @@ class JobRepository:
 
 def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:
     """One entry per stage: the latest attempt's status, attempts, timings, tokens, error."""
-    views = []
+    views: list[dict[str, Any]] = []
     for stage in STAGES:
         attempts = [run for run in runs if run["stage"] == stage]
         if not attempts:
