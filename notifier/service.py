@@ -283,11 +283,10 @@ class Notifier:
         return (FAILED, None) if retry_in is None else (PENDING, retry_in)
 
     async def _note_health(self, delivery: WebhookDelivery, result: SendResult) -> None:
-        endpoint = await self.deliveries.note_endpoint_result(
-            delivery.tenant, delivery.url, succeeded=result.ok
-        )
         if result.ok:
+            await self.deliveries.note_endpoint_success(delivery.tenant, delivery.url)
             return
+        endpoint = await self.deliveries.note_endpoint_failure(delivery.tenant, delivery.url)
         if endpoint.disabled:  # disabled meanwhile: what this attempt re-scheduled waits too
             await self.deliveries.hold_pending(delivery.tenant, delivery.url)
             return

@@ -464,23 +464,31 @@ class DeliveryRepository:
             ).first()
         return WebhookEndpoint(**dict(row._mapping)) if row else None
 
-    async def note_endpoint_result(
-        self, tenant: str, url: str, *, succeeded: bool
-    ) -> WebhookEndpoint:
-        """Count a success (resets the failure run) or a failure for an endpoint."""
+    async def note_endpoint_success(self, tenant: str, url: str) -> None:
+        """End an endpoint's failure run (writes only when there is one: the hot path)."""
         async with self.engine.begin() as conn:
-            await self._ensure_endpoint(conn, tenant, url)
+            await conn.execute(
+                text(
+                    "UPDATE webhook_endpoints SET consecutive_failures = 0, failing_since = NULL,"
+                    " updated_at = now() WHERE tenant = :tenant AND url = :url"
+                    " AND (consecutive_failures <> 0 OR failing_since IS NOT NULL)"
+                ),
+                {"tenant": tenant, "url": url},
+            )
+
+    async def note_endpoint_failure(self, tenant: str, url: str) -> WebhookEndpoint:
+        """Count a failed attempt against an endpoint; return its health after it."""
+        async with self.engine.begin() as conn:
+            await self._insert_endpoint(conn, tenant, url)
             row = (
                 await conn.execute(
                     text(
                         "UPDATE webhook_endpoints SET updated_at = now(),"
-                        " consecutive_failures = CASE WHEN :ok THEN 0"
-                        "   ELSE consecutive_failures + 1 END,"
-                        " failing_since = CASE WHEN :ok THEN NULL"
-                        "   ELSE coalesce(failing_since, now()) END"
+                        " consecutive_failures = consecutive_failures + 1,"
+                        " failing_since = coalesce(failing_since, now())"
                         f" WHERE tenant = :tenant AND url = :url RETURNING {ENDPOINT_COLUMNS}"
                     ),
-                    {"ok": succeeded, "tenant": tenant, "url": url},
+                    {"tenant": tenant, "url": url},
                 )
             ).one()
         return WebhookEndpoint(**dict(row._mapping))
@@ -488,7 +496,7 @@ class DeliveryRepository:
     async def disable_endpoint(self, tenant: str, url: str, reason: str) -> int:
         """Disable an endpoint and hold its unsent deliveries; return how many were held."""
         async with self.engine.begin() as conn:
-            await self._ensure_endpoint(conn, tenant, url)
+            await self._insert_endpoint(conn, tenant, url)
             await conn.execute(
                 text(
                     "UPDATE webhook_endpoints SET status = 'disabled', disabled_at = now(),"
@@ -515,7 +523,7 @@ class DeliveryRepository:
     async def enable_endpoint(self, tenant: str, url: str, *, recover_held: bool = True) -> int:
         """Re-enable an endpoint; optionally resume its held deliveries. Returns how many."""
         async with self.engine.begin() as conn:
-            await self._ensure_endpoint(conn, tenant, url)
+            await self._insert_endpoint(conn, tenant, url)
             await conn.execute(
                 text(
                     "UPDATE webhook_endpoints SET status = 'enabled', disabled_at = NULL,"
@@ -540,7 +548,7 @@ class DeliveryRepository:
     ) -> None:
         """Give an endpoint a new secret; the old one keeps signing for ``overlap``."""
         async with self.engine.begin() as conn:
-            await self._ensure_endpoint(conn, tenant, url)
+            await self._insert_endpoint(conn, tenant, url)
             await conn.execute(
                 text(
                     "UPDATE webhook_endpoints SET previous_secret = secret,"
@@ -587,15 +595,26 @@ class DeliveryRepository:
         )
         return found.first() is not None
 
+    async def _insert_endpoint(self, conn: AsyncConnection, tenant: str, url: str) -> None:
+        await conn.execute(
+            text(
+                "INSERT INTO webhook_endpoints (tenant, url) VALUES (:tenant, :url)"
+                " ON CONFLICT (tenant, url) DO NOTHING"
+            ),
+            {"tenant": tenant, "url": url},
+        )
+
     async def _ensure_endpoint(
         self, conn: AsyncConnection, tenant: str, url: str
     ) -> WebhookEndpoint:
+        """The endpoint row, created if missing and share-locked for this transaction, so a
+        concurrent ``disable_endpoint`` is ordered before or after it, never in between."""
+        await self._insert_endpoint(conn, tenant, url)
         row = (
             await conn.execute(
                 text(
-                    "INSERT INTO webhook_endpoints (tenant, url) VALUES (:tenant, :url)"
-                    " ON CONFLICT (tenant, url) DO UPDATE SET tenant = EXCLUDED.tenant"
-                    f" RETURNING {ENDPOINT_COLUMNS}"
+                    f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints"
+                    " WHERE tenant = :tenant AND url = :url FOR SHARE"
                 ),
                 {"tenant": tenant, "url": url},
             )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,6 +19,7 @@ from core.db.webhooks import DeliveryRepository, NewDelivery
 from core.events import JobEvent
 from notifier.operations import WebhookOperations
 from tests.integration.test_notifier import (
+    SECRET,
     event_delivery,
     finished_job,
     make_notifier,
@@ -139,40 +143,6 @@ async def test_a_crashed_senders_lease_expires_and_its_late_write_is_fenced(
     assert len(webhook_receiver.requests) == 1
 
 
-async def test_two_notifiers_deliver_200_each_exactly_once(
-    engine: AsyncEngine, database_url: str, webhook_receiver: WebhookReceiver
-) -> None:
-    settings = make_settings((0.0, 0.2))
-    producer = make_notifier(engine, settings)
-    job_ids = [await finished_job(engine, webhook_receiver.url) for _ in range(200)]
-    for job_id in job_ids:
-        await asyncio.wait_for(producer.enqueue(_event(job_id)), timeout=10)
-    await producer.close()
-
-    engines = [create_engine(database_url, pool_size=4) for _ in range(2)]
-    notifiers = [make_notifier(e, settings, batch_size=20) for e in engines]
-    try:
-        async with sending(notifiers[0]), sending(notifiers[1]):
-
-            async def all_sent() -> bool:
-                async with engine.connect() as conn:
-                    done = await conn.scalar(
-                        text("SELECT count(*) FROM webhook_deliveries WHERE status = 'succeeded'")
-                    )
-                return done == 200
-
-            await wait_for(all_sent, timeout=60, message="200 deliveries")
-    finally:
-        for e in engines:
-            await e.dispose()
-
-    ids = [r.headers["webhook-id"] for r in webhook_receiver.requests]
-    assert len(ids) == 200 and len(set(ids)) == 200
-    async with engine.connect() as conn:
-        attempts = await conn.scalar(text("SELECT count(*) FROM webhook_attempts"))
-    assert attempts == 200
-
-
 async def test_failing_endpoint_is_disabled_then_recovered(
     engine: AsyncEngine, webhook_receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -275,3 +245,84 @@ async def test_large_result_is_referenced_by_url(
     data = verify(request.headers, request.body)["data"]
     assert data["result"] is None
     assert data["result_url"] == f"https://blogpipe.example/api/v1/blog/jobs/{job_id}"
+
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+SENDER_PROCESS = """
+import asyncio, os, signal
+from core.db.engine import create_engine
+from core.settings import Settings
+from notifier.service import Notifier
+
+async def main() -> None:
+    engine = create_engine(os.environ["NOTIFIER_TEST_DB"], pool_size=4)
+    notifier = Notifier(engine, None, Settings.from_env(), poll_interval=0.2, batch_size=20)
+    task = asyncio.create_task(notifier.deliver_forever())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    print("ready", flush=True)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await notifier.close()
+        await engine.dispose()
+
+asyncio.run(main())
+"""
+
+
+async def test_two_notifier_processes_deliver_200_each_exactly_once(
+    engine: AsyncEngine, database_url: str, webhook_receiver: WebhookReceiver
+) -> None:
+    producer = make_notifier(engine, make_settings((0.0, 0.2)))
+    for _ in range(200):
+        job_id = await finished_job(engine, webhook_receiver.url)
+        await asyncio.wait_for(producer.enqueue(_event(job_id)), timeout=10)
+    await producer.close()
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO_ROOT,
+        "NOTIFIER_TEST_DB": database_url,
+        "WEBHOOK_SECRET": SECRET,
+        "WEBHOOK_RETRY_SCHEDULE": "0,0.2",
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "WEBHOOK_ALLOW_HTTP": "true",
+    }
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SENDER_PROCESS, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert await asyncio.wait_for(process.stdout.readline(), timeout=60) == b"ready\n"
+
+        async def all_sent() -> bool:
+            async with engine.connect() as conn:
+                done = await conn.scalar(
+                    text("SELECT count(*) FROM webhook_deliveries WHERE status = 'succeeded'")
+                )
+            return done == 200
+
+        await wait_for(all_sent, timeout=90, message="200 deliveries from two processes")
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=20)
+            except TimeoutError:
+                process.kill()
+                await asyncio.wait_for(process.wait(), timeout=10)
+
+    ids = [r.headers["webhook-id"] for r in webhook_receiver.requests]
+    assert len(ids) == 200 and len(set(ids)) == 200
+    async with engine.connect() as conn:
+        attempts = await conn.scalar(text("SELECT count(*) FROM webhook_attempts"))
+    assert attempts == 200
+    assert all(process.returncode == 0 for process in processes)
