@@ -142,6 +142,8 @@ class DraftStage:
         )
         markdown = _markdown(response)
         warnings: list[str] = []
+        if request.use_consensus_generation:
+            warnings.append("use_consensus_generation is not supported yet: one draft was written")
         band = request.word_band
         words = word_count(markdown)
         if length_off_band(words, band):

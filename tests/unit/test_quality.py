@@ -128,3 +128,29 @@ def test_keyword_and_readability_checks() -> None:
     ]
     assert check_readability(65.0) == [] and check_readability(None) == []
     assert "below 30" in check_readability(12.0)[0]
+
+
+async def test_unsupported_consensus_generation_is_reported() -> None:
+    request = REQUEST.model_copy(update={"use_consensus_generation": True})
+    result = await asyncio.wait_for(run_inline(request, OfflineLLM(), Settings()), 30)
+    assert any("use_consensus_generation is not supported" in w for w in result["warnings"])
+
+
+def test_request_options_become_explicit_requirements() -> None:
+    from stages.prompts import content_requirements
+
+    plain = content_requirements(REQUEST)
+    assert any("Fact checking is on" in rule for rule in plain)
+    assert not any("product article" in rule for rule in plain)
+    product = content_requirements(
+        REQUEST.model_copy(
+            update={
+                "include_product_research": True,
+                "include_product_table": True,
+                "use_fact_checking": False,
+            }
+        )
+    )
+    assert any("pros and cons" in rule for rule in product)
+    assert any("Markdown table" in rule for rule in product)
+    assert not any("Fact checking" in rule for rule in product)
