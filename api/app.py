@@ -13,6 +13,7 @@ from api import blog, health
 from api.deps import ApiDeps
 from api.openapi import openapi_document
 from api.responses import detail
+from api.security import security_middleware
 
 logger = logging.getLogger("blogpipe.api")
 
@@ -36,6 +37,7 @@ def create_app(deps: ApiDeps, *, extra_openapi: dict[str, Any] | None = None) ->
     app = Starlette(
         routes=[*blog.routes, *health.routes, *deps.extra_routes],
         exception_handlers={404: _not_found, 405: _method_not_allowed, 500: _server_error},
+        middleware=security_middleware(deps.settings, deps.engine),
     )
     app.state.deps = deps
     app.state.openapi = openapi_document(extra_openapi)

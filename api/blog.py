@@ -52,7 +52,8 @@ async def generate_enhanced(request: Request) -> Response:
     deps = _deps(request)
     try:
         async_mode = _flag(request, "async_mode")
-        blog = validate(BlogRequest, await read_json(request))
+        body = await read_json(request, max_bytes=deps.settings.max_body_bytes)
+        blog = validate(BlogRequest, body)
     except BadRequest as bad:
         return bad.response
     if not async_mode:
@@ -68,7 +69,7 @@ async def generate_enhanced(request: Request) -> Response:
             return created
         job = created
     else:
-        job = await deps.jobs.create(blog)
+        job = await deps.jobs.create(blog, tenant=request.state.tenant)
     try:
         await deps.task_queue.enqueue(job.id, blog.model_dump(mode="json"))
     except BlogpipeError as exc:
@@ -93,7 +94,8 @@ async def job_status(request: Request) -> Response:
     """GET /api/v1/blog/jobs/{job_id}"""
     raw = request.path_params["job_id"]
     job_id = _job_id(raw)
-    document = await _deps(request).jobs.status_document(job_id) if job_id else None
+    jobs = _deps(request).jobs
+    document = await jobs.status_document(job_id, tenant=request.state.tenant) if job_id else None
     if document is None:
         return detail(404, f"Job {raw} not found")
     return JSONResponse(document)
@@ -112,8 +114,8 @@ async def list_jobs(request: Request) -> Response:
     if not 1 <= limit <= MAX_PAGE:
         return detail(422, f"limit must be between 1 and {MAX_PAGE}")
     try:
-        jobs, cursor = await _deps(request).jobs.list(
-            status=status, limit=limit, cursor=params.get("cursor")
+        jobs, cursor = await _deps(request).jobs.page(
+            tenant=request.state.tenant, status=status, limit=limit, cursor=params.get("cursor")
         )
     except ValueError:
         return detail(422, "cursor is not valid; use next_cursor from a previous page")

@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.auth import actor_of, tenant_of
 from api.caller_auth import Authorizer, Endpoint, guarded
 from api.responses import JSONResponse, detail
+from core.db import audit
 from core.db.jobs import JobRepository
 from core.settings import Settings
 from core.ssrf import AsyncResolver
@@ -53,7 +55,7 @@ def webhook_routes(
     async def list_deliveries(request: Request) -> Response:
         """GET /api/v1/blog/jobs/{job_id}/deliveries — deliveries with their attempts."""
         job_id = _uuid(request.path_params["job_id"])
-        if job_id is None or await jobs.get(job_id) is None:
+        if job_id is None or await jobs.get(job_id, tenant=tenant_of(request)) is None:
             return detail(404, f"Job {request.path_params['job_id']} not found")
         histories = await ops.deliveries_for_job(job_id)
         return JSONResponse(
@@ -63,11 +65,15 @@ def webhook_routes(
     async def redeliver(request: Request) -> Response:
         """POST /api/v1/webhooks/deliveries/{delivery_id}/redeliver — one more attempt, now."""
         delivery_id = _uuid(request.path_params["delivery_id"])
-        if delivery_id is None or await ops.deliveries.get(delivery_id) is None:
+        found = await ops.deliveries.get(delivery_id) if delivery_id else None
+        tenant = tenant_of(request)
+        if delivery_id is None or found is None or tenant not in (None, found.tenant):
             return detail(404, f"Delivery {request.path_params['delivery_id']} not found")
         delivery = await ops.redeliver(delivery_id)
         if delivery is None:
             return detail(409, "An attempt of this delivery is in flight; try again shortly")
+        await audit.record(engine, actor_of(request), "webhook.redeliver", str(delivery_id),
+                           {"job_id": str(found.job_id), "event_type": found.event_type})
         return JSONResponse({"delivery": delivery.to_json(), "queued": True}, status_code=202)
 
     async def recover(request: Request) -> Response:
@@ -81,12 +87,15 @@ def webhook_routes(
             since = parse_since(str(params.get("since") or "24h"))
             cap = _int(params.get("cap", DEFAULT_RECOVER_CAP), "cap", 1, MAX_RECOVER_CAP)
             dry_run = _bool(params.get("dry_run", False), "dry_run")
-            tenant = params.get("tenant")
+            tenant = tenant_of(request) or params.get("tenant")
         except (_Invalid, ValueError) as exc:
             return detail(422, str(exc))
         result = await ops.recover_failed(
             since=since, cap=cap, dry_run=dry_run, tenant=str(tenant) if tenant else None
         )
+        if not dry_run:
+            await audit.record(engine, actor_of(request), "webhook.recover", f"since:{since}",
+                               {"cap": cap, "tenant": tenant, "queued": result.to_json()["queued"]})
         return JSONResponse(result.to_json(), status_code=200 if dry_run else 202)
 
     async def ping(request: Request) -> Response:
@@ -97,7 +106,7 @@ def webhook_routes(
             return detail(422, exc.message)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return detail(422, "url must be an http(s) URL")
-        result = await ops.ping(url)
+        result = await ops.ping(url, tenant=tenant_of(request) or "default")
         if result.blocked:
             return detail(422, result.error or "url refused")
         return JSONResponse(
@@ -121,8 +130,10 @@ def webhook_routes(
             return detail(422, exc.message)
         if not isinstance(url, str) or not url:
             return detail(422, "url is required")
-        tenant = str(params.get("tenant") or "default")
+        tenant = tenant_of(request) or str(params.get("tenant") or "default")
         resumed = await ops.enable_endpoint(url, tenant=tenant, recover=recover_held)
+        await audit.record(engine, actor_of(request), "webhook.endpoint_enabled", url,
+                           {"tenant": tenant, "resumed": resumed})
         return JSONResponse({"url": url, "tenant": tenant, "enabled": True, "resumed": resumed})
 
     def admin(endpoint: Endpoint) -> Endpoint:

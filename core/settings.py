@@ -18,6 +18,7 @@ from core.errors import ConfigError
 BrokerKind = Literal["postgres", "pubsub"]
 TaskQueueKind = Literal["local", "cloudtasks"]
 LLMKind = Literal["offline", "openai"]
+AuthMode = Literal["apikey", "none"]
 
 DEFAULT_GOOGLE_SEARCH_BASE_URL = "https://customsearch.googleapis.com/customsearch/v1"
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -81,6 +82,16 @@ class Settings:
     replay_cap: int = 100
     public_base_url: str | None = None
     log_level: str = "INFO"
+    # Who may call the public API: "apikey" (Bearer keys bound to a tenant) or "none"
+    # (single tenant "default", open to anyone who can reach it; must be chosen explicitly).
+    auth: AuthMode = "apikey"
+    cors_allowed_origins: tuple[str, ...] = ()
+    rate_limit_per_second: float = 10.0  # job submissions per tenant; 0 turns it off
+    rate_limit_burst: int = 100
+    max_in_flight: int = 1000  # queued + processing jobs per tenant; 0 turns it off
+    max_body_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_json_depth: int = 32
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -102,6 +113,7 @@ class Settings:
         """Read and validate the environment; raise ConfigError naming the bad variable."""
         env = os.environ if env is None else env
         reader = _Reader(env)
+        rate = reader.rate("BLOGPIPE_RATE_LIMIT", (10.0, 100))
         project = reader.text("GOOGLE_CLOUD_PROJECT")
         pubsub_host = reader.text("PUBSUB_EMULATOR_HOST")
         tasks_host = reader.text("CLOUD_TASKS_EMULATOR_HOST")
@@ -176,7 +188,17 @@ class Settings:
             log_level=reader.choice(
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
             ),
+            auth=reader.choice("BLOGPIPE_AUTH", ("apikey", "none"), "apikey"),  # type: ignore[arg-type]
+            cors_allowed_origins=reader.csv("CORS_ALLOWED_ORIGINS"),
+            rate_limit_per_second=rate[0],
+            rate_limit_burst=rate[1],
+            max_in_flight=reader.integer("BLOGPIPE_MAX_IN_FLIGHT", 1000, minimum=0),
+            max_body_bytes=reader.integer("BLOGPIPE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+            max_header_bytes=reader.integer("BLOGPIPE_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
+            max_json_depth=reader.integer("BLOGPIPE_MAX_JSON_DEPTH", 32, minimum=2, maximum=512),
         )
+        if any(origin == "*" for origin in settings.cors_allowed_origins):
+            raise ConfigError("CORS_ALLOWED_ORIGINS must list the origins; '*' is not allowed")
         if settings.broker == "pubsub" and not 5 <= settings.max_delivery_attempts <= 100:
             raise ConfigError(
                 "BLOGPIPE_MAX_ATTEMPTS must be between 5 and 100 with BLOGPIPE_BROKER=pubsub"
@@ -253,6 +275,21 @@ class _Reader:
         if raw is None:
             return ()
         return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+    def rate(self, name: str, default: tuple[float, int]) -> tuple[float, int]:
+        """``RATE`` or ``RATE:BURST`` (per second; burst defaults to 10 x rate; 0 = off)."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        per_second, _, burst = raw.partition(":")
+        try:
+            rate = float(per_second)
+            size = int(burst) if burst.strip() else max(1, int(rate * 10))
+        except ValueError:
+            raise ConfigError(f"{name} must be RATE or RATE:BURST (10:100); got {raw!r}") from None
+        if not rate >= 0 or size < 1:
+            raise ConfigError(f"{name} needs a rate >= 0 and a burst >= 1; got {raw!r}")
+        return rate, size
 
     def url(self, name: str) -> str | None:
         raw = self.text(name)

@@ -44,7 +44,7 @@ def queue() -> RecordingQueue:
 
 @pytest.fixture
 async def client(engine: AsyncEngine, queue: RecordingQueue) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(worker_shared_secret=SECRET)
+    settings = Settings(worker_shared_secret=SECRET, auth="none")
     store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
 
     async def inline(request: BlogRequest) -> dict[str, Any]:

@@ -43,6 +43,9 @@ def pipeline_env(database_url: str, **overrides: str) -> dict[str, str]:
         "BLOGPIPE_STAGE_LEASE": "5",
         "BLOGPIPE_ACK_DEADLINE": "10",
         "LOG_LEVEL": "INFO",
+        # The e2e tests call the API as the seed's frontends do, with no key.
+        "BLOGPIPE_AUTH": "none",
+        "BLOGPIPE_RATE_LIMIT": "0",
     }
     env.update(overrides)
     return env
