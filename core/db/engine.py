@@ -70,11 +70,17 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine on asyncpg with a bounded pool and pre-ping for dropped connections."""
+    """An async engine on asyncpg with a bounded pool.
+
+    No pre-ping: it cost a round trip on every checkout (about a tenth of the pipeline's
+    CPU under load). A connection found dead fails its one statement, is invalidated by
+    the dialect's disconnect detection, and the caller's retry (a nacked message, a
+    client's retry) gets a fresh one; ``pool_recycle`` retires idle ones.
+    """
     return create_async_engine(
         asyncpg_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         pool_recycle=1800,
     )
