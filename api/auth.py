@@ -2,7 +2,7 @@
 tenant and scopes.
 
 The middleware puts the caller on ``request.state``: ``principal`` (a Principal),
-``tenant`` (every handler filters by it) and ``key_id``. Scopes are decided here, from
+``tenant`` (every handler filters by it), ``key_id`` and ``actor`` (for audit records). Scopes are decided here, from
 the method and path, so a new route is covered the day it is added: reads under
 ``/api/v1/blog/`` need ``jobs:read``, submissions ``jobs:write``, and anything else under
 ``/api/`` (cancel, replay, redelivery, bulk actions) ``operator``.
@@ -156,6 +156,7 @@ class ApiKeyAuth:
         state["principal"] = principal
         state["tenant"] = principal.tenant
         state["key_id"] = principal.key_id
+        state["actor"] = principal.actor.name
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> Principal | None:

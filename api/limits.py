@@ -29,6 +29,9 @@ MAX_HEADERS = 100
 # The worker and Pub/Sub push bodies wrap a request that was itself up to the limit.
 INTERNAL_PATHS = ("/api/v1/blog/worker", "/pubsub/push/")
 INTERNAL_MIN_BYTES = 1024 * 1024
+# A batch carries up to 100 requests; its handler applies its own, tighter limit.
+BATCH_PATHS = frozenset({"/api/v1/blog/batch", "/api/v1/blog/jobs/batch"})
+BATCH_BODY_FACTOR = 25
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SUBMISSION_PATHS = re.compile(r"^/api/v1/blog/(generate-enhanced|(jobs/)?batch)/?$")
 IN_FLIGHT_STATUSES = ("pending", "queued", "processing")
@@ -89,6 +92,8 @@ class RequestLimits:
         limit = self.max_body_bytes
         if path.startswith(INTERNAL_PATHS):
             limit = max(4 * limit, INTERNAL_MIN_BYTES)
+        elif path.rstrip("/") in BATCH_PATHS:
+            limit *= BATCH_BODY_FACTOR
         header_map = {k: v for k, v in headers}
         declared = header_map.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

@@ -62,6 +62,8 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
     if record.exc_text:
         record.exc_text = redact(record.exc_text)
+        # The exception object may hold the secret too; handlers print exc_text instead.
+        record.exc_info = None
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
     return record

@@ -59,8 +59,19 @@ def assert_unauthorized(response: httpx.Response) -> None:
         "Bearer " + generate_key()[:-1] + "!",
         "Bearer\t" + generate_key(),
     ],
-    ids=["missing", "empty", "scheme-only", "scheme-space", "basic", "other-scheme",
-         "short-key", "not-a-key", "unknown-key", "bad-char", "tab"],
+    ids=[
+        "missing",
+        "empty",
+        "scheme-only",
+        "scheme-space",
+        "basic",
+        "other-scheme",
+        "short-key",
+        "not-a-key",
+        "unknown-key",
+        "bad-char",
+        "tab",
+    ],
 )
 async def test_bad_credentials_get_the_same_401(engine: AsyncEngine, header: str | None) -> None:
     app = build_app(engine, secure_settings())
@@ -75,17 +86,21 @@ async def test_two_authorization_headers_are_refused(engine: AsyncEngine) -> Non
     key = await make_key(engine, "acme")
     app = build_app(engine, secure_settings())
     async with client_for(app) as client:
-        response = await call(client, "GET", "/api/v1/blog/jobs",
-                              headers=[("Authorization", f"Bearer {key}"),
-                                       ("Authorization", f"Bearer {key}")])
+        response = await call(
+            client,
+            "GET",
+            "/api/v1/blog/jobs",
+            headers=[("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {key}")],
+        )
     assert_unauthorized(response)
 
 
 async def test_scheme_is_case_insensitive(engine: AsyncEngine) -> None:
     key = await make_key(engine, "acme")
     async with client_for(build_app(engine, secure_settings())) as client:
-        response = await call(client, "GET", "/api/v1/blog/jobs",
-                              headers={"Authorization": f"bearer {key}"})
+        response = await call(
+            client, "GET", "/api/v1/blog/jobs", headers={"Authorization": f"bearer {key}"}
+        )
     assert response.status_code == 200
 
 
@@ -111,8 +126,7 @@ def endpoints(job_id: str, delivery_id: str) -> list[tuple[str, str, Any, str]]:
         ("GET", f"/api/v1/blog/jobs/{job_id}/deliveries", None, "jobs:read"),
         ("POST", f"/api/v1/webhooks/deliveries/{delivery_id}/redeliver", None, "operator"),
         ("POST", "/api/v1/webhooks/deliveries/recover", {"dry_run": True}, "operator"),
-        ("POST", "/api/v1/webhooks/endpoints/enable", {"url": "http://127.0.0.1:9/x"},
-         "operator"),
+        ("POST", "/api/v1/webhooks/endpoints/enable", {"url": "http://127.0.0.1:9/x"}, "operator"),
         ("POST", f"/api/v1/blog/jobs/{job_id}/cancel", None, "operator"),
         ("POST", f"/api/v1/blog/jobs/{job_id}/replay", None, "operator"),
     ]
@@ -154,9 +168,13 @@ async def test_public_and_self_authenticated_routes_need_no_key(engine: AsyncEng
     async with client_for(build_app(engine, secure_settings())) as client:
         assert (await call(client, "GET", "/healthz")).status_code == 200
         assert (await call(client, "GET", "/openapi.json")).status_code == 200
-        worker = await call(client, "POST", "/api/v1/blog/worker",
-                            json={"job_id": str(uuid.uuid4())},
-                            headers={"X-Worker-Secret": WORKER_SECRET})
+        worker = await call(
+            client,
+            "POST",
+            "/api/v1/blog/worker",
+            json={"job_id": str(uuid.uuid4())},
+            headers={"X-Worker-Secret": WORKER_SECRET},
+        )
         assert worker.status_code == 404  # let in by its own secret, then: no such job
         refused = await call(client, "POST", "/api/v1/blog/worker", json={"job_id": "x"})
         assert refused.status_code == 401 and "error" in refused.json()
@@ -218,13 +236,31 @@ def test_auth_setting() -> None:
 def blogpipe(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the real CLI (its own process and event loop)."""
     env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "blogpipe", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "blogpipe", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_keys_cli(database_url: str) -> None:
-    created = blogpipe(database_url, "keys", "create", "--tenant", "acme", "--scope",
-                       "jobs:write", "--scope", "jobs:read", "--name", "ci")
+    created = blogpipe(
+        database_url,
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--scope",
+        "jobs:write",
+        "--scope",
+        "jobs:read",
+        "--name",
+        "ci",
+    )
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("bp_live_")
@@ -243,3 +279,42 @@ def test_keys_cli(database_url: str) -> None:
 async def job_count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(text("SELECT count(*) FROM jobs"))).scalar_one())
+
+
+async def test_keys_and_webhook_secrets_never_reach_the_logs(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    from core import logredact
+
+    logredact.install()
+    caplog.set_level(logging.DEBUG)
+    secret_hook = "whsec_c2VjcmV0LXRoYXQtbXVzdC1ub3QtbGVhaw=="
+    key = await make_key(engine, "acme")
+    wrong = generate_key()
+    app = build_app(engine, secure_settings(webhook_secret=secret_hook))
+    async with client_for(app, key) as client:
+        submitted = await call(
+            client,
+            "POST",
+            SUBMIT,
+            json={**VALID, "custom_instructions": f"sign with {secret_hook}"},
+        )
+        assert submitted.status_code == 202
+        # The ping is signed with the secret and logs the URL it was sent to.
+        ping = await call(
+            client,
+            "POST",
+            "/api/v1/webhooks/ping",
+            json={"url": f"http://127.0.0.1:9/hook?token={secret_hook}&k={key}"},
+        )
+        assert ping.status_code == 200
+        assert_unauthorized(
+            await call(
+                client, "GET", "/api/v1/blog/jobs", headers={"Authorization": f"Bearer {wrong}"}
+            )
+        )
+    assert any(r.__dict__.get("action") == "webhook_ping" for r in caplog.records)
+    assert any(r.__dict__.get("action") == "api_key_rejected" for r in caplog.records)
+    captured = caplog.text + "".join(repr(vars(record)) for record in caplog.records)
+    for secret in (key, wrong, secret_hook):
+        assert secret not in captured

@@ -42,15 +42,24 @@ async def onboard(engine: AsyncEngine, app: Starlette, name: str) -> Tenant:
     key = await make_key(engine, name)
     topic = f"Secret plans of {name} for next year"
     async with client_for(app, key) as client:
-        response = await call(client, "POST", SUBMIT,
-                              json={"topic": topic, "keywords": [f"{name}-keyword"],
-                                    "metadata": {"owner": name}})
+        response = await call(
+            client,
+            "POST",
+            SUBMIT,
+            json={"topic": topic, "keywords": [f"{name}-keyword"], "metadata": {"owner": name}},
+        )
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     delivery, _ = await DeliveryRepository(engine).create(
-        NewDelivery(job_id=uuid.UUID(job_id), tenant=name, event_id=f"evt_{name}",
-                    event_type="job.completed", url=f"http://127.0.0.1:9/{name}",
-                    payload={"owner": name}, occurred_at=datetime.now(UTC))
+        NewDelivery(
+            job_id=uuid.UUID(job_id),
+            tenant=name,
+            event_id=f"evt_{name}",
+            event_type="job.completed",
+            url=f"http://127.0.0.1:9/{name}",
+            payload={"owner": name},
+            occurred_at=datetime.now(UTC),
+        )
     )
     return Tenant(name, key, job_id, topic, str(delivery.id))
 
@@ -67,20 +76,28 @@ ENDPOINTS: list[tuple[str, str, Any, int]] = [
     ("GET", "/api/v1/blog/jobs/{job}/deliveries", None, 200),
     ("POST", "/api/v1/webhooks/deliveries/{delivery}/redeliver", None, 202),
     ("POST", "/api/v1/blog/jobs/{job}/cancel", {}, 200),
-    ("POST", "/api/v1/blog/jobs/{job}/replay", {"from_stage": "research"}, 202),
+    # A queued job has nothing to replay yet: 409 says the job was found.
+    ("POST", "/api/v1/blog/jobs/{job}/replay", {"from_stage": "research"}, 409),
 ]
 
 
 def has_route(app: Starlette, method: str, template: str) -> bool:
     path = template.replace("{job}", "{job_id}").replace("{delivery}", "{delivery_id}")
-    return any(isinstance(r, Route) and r.path == path and method in (r.methods or ())
-               for r in app.routes)
+    return any(
+        isinstance(r, Route) and r.path == path and method in (r.methods or ()) for r in app.routes
+    )
 
 
-@pytest.mark.parametrize(("method", "template", "body", "own_status"), ENDPOINTS,
-                         ids=[f"{m} {t}" for m, t, _, _ in ENDPOINTS])
+@pytest.mark.parametrize(
+    ("method", "template", "body", "own_status"),
+    ENDPOINTS,
+    ids=[f"{m} {t}" for m, t, _, _ in ENDPOINTS],
+)
 async def test_other_tenants_ids_are_missing(
-    world: tuple[Starlette, Tenant, Tenant], method: str, template: str, body: Any,
+    world: tuple[Starlette, Tenant, Tenant],
+    method: str,
+    template: str,
+    body: Any,
     own_status: int,
 ) -> None:
     app, acme, globex = world
@@ -91,8 +108,9 @@ async def test_other_tenants_ids_are_missing(
     acmes = template.format(job=acme.job_id, delivery=acme.delivery_id)
     async with client_for(app, globex.key) as client:
         other = await call(client, method, acmes, json=body)
-        missing = await call(client, method, template.format(job=absent, delivery=absent),
-                             json=body)
+        missing = await call(
+            client, method, template.format(job=absent, delivery=absent), json=body
+        )
     assert other.status_code == missing.status_code == 404, other.text
     # Exactly like a missing one: same body but for the id asked about.
     for_other = other.text.replace(acme.job_id, "ID").replace(acme.delivery_id, "ID")
@@ -121,22 +139,32 @@ async def test_lists_hold_only_the_tenants_own_jobs(
 
 
 async def test_recovery_and_endpoints_stay_within_the_tenant(
-    world: tuple[Starlette, Tenant, Tenant], engine: AsyncEngine,
+    world: tuple[Starlette, Tenant, Tenant],
+    engine: AsyncEngine,
 ) -> None:
     app, acme, globex = world
     async with client_for(app, globex.key) as client:
         # Asking for another tenant's deliveries by parameter is ignored: a key is one tenant.
-        recover = await call(client, "POST", "/api/v1/webhooks/deliveries/recover",
-                             json={"dry_run": True, "tenant": "acme", "since": "1d"})
+        recover = await call(
+            client,
+            "POST",
+            "/api/v1/webhooks/deliveries/recover",
+            json={"dry_run": True, "tenant": "acme", "since": "1d"},
+        )
         assert recover.status_code == 200
         assert acme.delivery_id not in recover.text
-        enabled = await call(client, "POST", "/api/v1/webhooks/endpoints/enable",
-                             json={"url": "http://127.0.0.1:9/acme", "tenant": "acme"})
+        enabled = await call(
+            client,
+            "POST",
+            "/api/v1/webhooks/endpoints/enable",
+            json={"url": "http://127.0.0.1:9/acme", "tenant": "acme"},
+        )
         assert enabled.status_code == 200 and enabled.json()["tenant"] == "globex"
 
 
 async def test_operator_actions_are_audited(
-    world: tuple[Starlette, Tenant, Tenant], engine: AsyncEngine,
+    world: tuple[Starlette, Tenant, Tenant],
+    engine: AsyncEngine,
 ) -> None:
     from core.db import audit
 
@@ -150,3 +178,25 @@ async def test_operator_actions_are_audited(
     assert entry.action == "webhook.redeliver" and entry.target == acme.delivery_id
     assert entry.key_id is not None and entry.actor == f"api-key:{entry.key_id}"
     assert entry.details["job_id"] == acme.job_id
+
+
+async def test_batches_are_per_tenant(world: tuple[Starlette, Tenant, Tenant]) -> None:
+    app, acme, globex = world
+    async with client_for(app, acme.key) as client:
+        created = await call(
+            client,
+            "POST",
+            "/api/v1/blog/batch",
+            json={"requests": [{"topic": acme.topic, "keywords": ["k"]}]},
+        )
+        assert created.status_code == 202, created.text
+        batch_id = created.json()["batch_id"]
+        assert (await call(client, "GET", f"/api/v1/blog/batches/{batch_id}")).status_code == 200
+    absent = str(uuid.uuid4())
+    async with client_for(app, globex.key) as client:
+        other = await call(client, "GET", f"/api/v1/blog/batches/{batch_id}")
+        missing = await call(client, "GET", f"/api/v1/blog/batches/{absent}")
+        listing = await call(client, "GET", "/api/v1/blog/jobs")
+    assert other.status_code == missing.status_code == 404
+    assert other.text.replace(batch_id, "ID") == missing.text.replace(absent, "ID")
+    assert acme.topic not in other.text + listing.text

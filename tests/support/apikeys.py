@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.caller_auth import worker_authorizer
 from api.deps import ApiDeps
+from api.operations import routes as operation_routes
 from api.webhooks import webhook_routes
 from core.broker.postgres import PostgresBroker
 from core.db.apikeys import SCOPES, ApiKeyRepository
@@ -51,7 +52,9 @@ def secure_settings(**changes: Any) -> Settings:
     return Settings(**base)
 
 
-def build_app(engine: AsyncEngine, settings: Settings, queue: RecordingQueue | None = None) -> Starlette:
+def build_app(
+    engine: AsyncEngine, settings: Settings, queue: RecordingQueue | None = None
+) -> Starlette:
     store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
 
     async def inline(request: BlogRequest) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def build_app(engine: AsyncEngine, settings: Settings, queue: RecordingQueue | N
         task_queue=queue or RecordingQueue(),
         worker_auth=worker_authorizer(settings),
         run_inline=inline,
-        extra_routes=list(routes),
+        extra_routes=[*routes, *operation_routes],
     )
     return create_app(deps)
 
