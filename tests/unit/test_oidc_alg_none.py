@@ -12,19 +12,22 @@ from typing import Any
 import pytest
 
 from core.google_auth import CachingCertsRequest, InvalidIdToken
-from tests.unit.test_caller_auth import (  # noqa: F401 (fixtures)
+from tests.unit import test_caller_auth as caller_auth
+from tests.unit.test_caller_auth import (
     KID,
     OIDC_SETTINGS,
     TASKS_SA,
     WORKER_URL,
     CertsServer,
     Key,
-    certs_request,
-    certs_server,
-    key,
     make_client,
     verify,
 )
+
+# The self-served certificates and signing key of the caller-auth tests.
+key = caller_auth.key
+certs_server = caller_auth.certs_server
+certs_request = caller_auth.certs_request
 
 
 def _b64(data: bytes) -> str:
