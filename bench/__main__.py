@@ -40,11 +40,12 @@ class Options:
     """What to run and how big."""
 
     scenarios: tuple[str, ...] = SCENARIOS
-    jobs: int = 1000
+    jobs: int = 500
     runs: int = 3
     gcp_jobs: int = 300
     gcp_runs: int = 1
     concurrency_jobs: int = 2000
+    concurrency_runs: int = 1
     delay: float = 1.0
     polling_seconds: float = 5.0
     polling_rate: float = 500.0
@@ -53,19 +54,28 @@ class Options:
     output: Path = DEFAULT_OUTPUT
 
 
-QUICK = {"jobs": 100, "runs": 1, "gcp_jobs": 30, "concurrency_jobs": 200, "delay": 0.5,
-         "polling_seconds": 2.0, "single_jobs": 10}
+QUICK = {
+    "jobs": 100,
+    "runs": 1,
+    "gcp_jobs": 30,
+    "concurrency_jobs": 200,
+    "delay": 0.5,
+    "polling_seconds": 2.0,
+    "single_jobs": 10,
+}
 
 
-def _scenario(name: str, options: Options, dbs: Databases, workdir: Path
-              ) -> Callable[[], Awaitable[dict[str, Any]]]:
+def _scenario(
+    name: str, options: Options, dbs: Databases, workdir: Path
+) -> Callable[[], Awaitable[dict[str, Any]]]:
     runners: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "ceiling": lambda: ceiling(dbs, options.jobs),
         "throughput": lambda: throughput(dbs, workdir, options.jobs),
         "throughput-gcp": lambda: throughput_gcp(dbs, workdir, options.gcp_jobs),
         "concurrency": lambda: concurrency(dbs, workdir, options.concurrency_jobs, options.delay),
-        "polling": lambda: polling(dbs, workdir, duration=options.polling_seconds,
-                                   rate=options.polling_rate),
+        "polling": lambda: polling(
+            dbs, workdir, duration=options.polling_seconds, rate=options.polling_rate
+        ),
         "peer": lambda: peer(dbs, workdir, options.jobs, workers=options.celery_workers),
         "single": lambda: single_job(dbs, workdir, options.single_jobs),
     }
@@ -100,19 +110,31 @@ def _targets(medians: dict[str, dict[str, Any]], ratios: dict[str, float]) -> di
         check("throughput_vs_ceiling", value, ">= 0.40", value >= 0.40)
     con = medians.get("concurrency", {})
     if "makespan_s" in con:
-        check("concurrency_makespan", con["makespan_vs_ideal"], "<= 2.0 x ideal",
-              con["makespan_vs_ideal"] <= 2.0)
+        check(
+            "concurrency_makespan",
+            con["makespan_vs_ideal"],
+            "<= 2.0 x ideal",
+            con["makespan_vs_ideal"] <= 2.0,
+        )
         check("concurrency_errors", con["errors"], "0", con["errors"] == 0)
         check("concurrency_peak_rss_mb", con["peak_rss_mb"], "<= 300", con["peak_rss_mb"] <= 300)
     poll = medians.get("polling", {})
     if "max_requests_per_s" in poll:
-        check("polling_requests_per_s", poll["max_requests_per_s"], ">= 2000",
-              poll["max_requests_per_s"] >= 2000)
+        check(
+            "polling_requests_per_s",
+            poll["max_requests_per_s"],
+            ">= 2000",
+            poll["max_requests_per_s"] >= 2000,
+        )
         check("polling_p99_ms_at_rate", poll["rate_p99_ms"], "<= 25", poll["rate_p99_ms"] <= 25)
     single = medians.get("single", {})
     if "latency_p50_ms" in single:
-        check("single_job_p50_ms", single["latency_p50_ms"], "<= 50",
-              0 < single["latency_p50_ms"] <= 50 and single["errors"] == 0)
+        check(
+            "single_job_p50_ms",
+            single["latency_p50_ms"],
+            "<= 50",
+            0 < single["latency_p50_ms"] <= 50 and single["errors"] == 0,
+        )
     return checks
 
 
@@ -131,6 +153,8 @@ async def run_bench(options: Options, log: Callable[[str], None] = print) -> dic
                 for name in options.scenarios:
                     if name == "throughput-gcp" and k >= options.gcp_runs:
                         continue
+                    if name == "concurrency" and k >= options.concurrency_runs:
+                        continue
                     workdir = Path(tmp) / f"run{k + 1}" / name
                     workdir.mkdir(parents=True)
                     clock = time.monotonic()
@@ -148,18 +172,23 @@ async def run_bench(options: Options, log: Callable[[str], None] = print) -> dic
                         ratio_runs[ratio].append(a[key] / b[key])
         medians = {name: _median(runs) for name, runs in per_run.items()}
         ratios = {
-            name: round(statistics.median(values), 3) for name, values in ratio_runs.items() if values
+            name: round(statistics.median(values), 3)
+            for name, values in ratio_runs.items()
+            if values
         }
         document = {
             "date": started.isoformat(timespec="seconds"),
             "machine": await machine_info(url),
-            "options": {k: (str(v) if isinstance(v, Path) else v)
-                        for k, v in options.__dict__.items()},
-            "scenarios": {name: {"median": medians[name], "runs": per_run[name]}
-                          for name in options.scenarios},
+            "options": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()
+            },
+            "scenarios": {
+                name: {"median": medians[name], "runs": per_run[name]} for name in options.scenarios
+            },
             "ratios": ratios,
-            "ratio_runs": {name: [round(v, 3) for v in values]
-                           for name, values in ratio_runs.items()},
+            "ratio_runs": {
+                name: [round(v, 3) for v in values] for name, values in ratio_runs.items()
+            },
             "targets": _targets(medians, ratios),
         }
     finally:
@@ -172,8 +201,17 @@ async def run_bench(options: Options, log: Callable[[str], None] = print) -> dic
 def _summary(figures: dict[str, Any]) -> str:
     if "error" in figures:
         return "ERROR " + figures["error"].splitlines()[0][:200]
-    keys = ("jobs_per_s", "latency_p50_ms", "latency_p99_ms", "makespan_s", "errors",
-            "peak_rss_mb", "max_requests_per_s", "rate_p99_ms", "transactions_per_s")
+    keys = (
+        "jobs_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "makespan_s",
+        "errors",
+        "peak_rss_mb",
+        "max_requests_per_s",
+        "rate_p99_ms",
+        "transactions_per_s",
+    )
     return ", ".join(f"{key}={figures[key]}" for key in keys if key in figures)
 
 
@@ -184,20 +222,26 @@ def table(document: dict[str, Any]) -> str:
         rows.append(f"| {name} | {_summary(data['median'])} |")
     lines = ["\n".join(rows), "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for name, check in document["targets"].items():
-        lines.append(f"| {name} | {check['value']} | {check['target']} | "
-                     f"{'yes' if check['met'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {check['value']} | {check['target']} | {'yes' if check['met'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
 def parse(argv: list[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--jobs", type=int, help="jobs for ceiling, throughput and peer")
     parser.add_argument("--runs", type=int, help="runs per scenario (medians are reported)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run")
     parser.add_argument("--gcp-jobs", type=int)
     parser.add_argument("--concurrency-jobs", type=int)
+    parser.add_argument("--concurrency-runs", type=int)
+    parser.add_argument("--gcp-runs", type=int)
     parser.add_argument("--delay", type=float, help="LLM delay per stage for concurrency")
     parser.add_argument("--polling-seconds", type=float)
     parser.add_argument("--single-jobs", type=int)
@@ -206,8 +250,19 @@ def parse(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     values["scenarios"] = tuple(args.scenarios)
-    for name in ("jobs", "runs", "gcp_jobs", "concurrency_jobs", "delay", "polling_seconds",
-                 "single_jobs", "celery_workers", "output"):
+    for name in (
+        "jobs",
+        "runs",
+        "gcp_jobs",
+        "gcp_runs",
+        "concurrency_jobs",
+        "concurrency_runs",
+        "delay",
+        "polling_seconds",
+        "single_jobs",
+        "celery_workers",
+        "output",
+    ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return Options(**values)

@@ -43,6 +43,9 @@ def blogpipe_env(db_url: str, port: int, data_dir: Path, **overrides: str) -> di
         "LOG_LEVEL": "INFO",
         # One tenant, no API keys: the auth middleware's key lookup is not what is measured.
         "BLOGPIPE_AUTH": "none",
+        # Admission limits (per-tenant rate and in-flight cap) are policy, not capacity.
+        "BLOGPIPE_RATE_LIMIT": "0",
+        "BLOGPIPE_MAX_IN_FLIGHT": "0",
     }
     for name in ("GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST", "CLOUD_TASKS_EMULATOR_HOST"):
         env[name] = ""
@@ -82,11 +85,15 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
 
 async def throughput(dbs: Databases, workdir: Path, jobs: int, **overrides: str) -> dict[str, Any]:
     """``jobs`` submitted over HTTP as fast as they are accepted; first submit → last webhook."""
-    async with receiver() as hook, running_blogpipe(dbs, workdir, "throughput", **overrides) as (
-        child, base,
+    async with (
+        receiver() as hook,
+        running_blogpipe(dbs, workdir, "throughput", **overrides) as (
+            child,
+            base,
+        ),
     ):
-        await run_jobs(base, hook, WARMUP_JOBS, timeout=60)
-        figures = await run_jobs(base, hook, jobs, timeout=max(120.0, jobs / 5))
+        await run_jobs(base, hook, WARMUP_JOBS, within=60)
+        figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
     return figures
@@ -99,10 +106,14 @@ async def concurrency(dbs: Databases, workdir: Path, jobs: int, delay: float) ->
         # Each stage may hold every job at once: the LLM calls are what is slow.
         "PUBSUB_MAX_MESSAGES": str(max(100, jobs)),
     }
-    async with receiver() as hook, running_blogpipe(dbs, workdir, "concurrency", **overrides) as (
-        child, base,
+    async with (
+        receiver() as hook,
+        running_blogpipe(dbs, workdir, "concurrency", **overrides) as (
+            child,
+            base,
+        ),
     ):
-        figures = await run_jobs(base, hook, jobs, concurrency=64, timeout=max(120.0, jobs / 5))
+        figures = await run_jobs(base, hook, jobs, concurrency=64, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
     ideal = 4 * delay
@@ -132,7 +143,7 @@ async def google_emulators(workdir: Path) -> AsyncIterator[tuple[str, str]]:
         raise BenchError("gcloud-tasks-emulator is not installed (run `make emulators`)")
     if pubsub._command(0, workdir) is None:
         raise BenchError("the Pub/Sub emulator is not installed (gcloud)")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     started = None
     for _ in range(3):
         started = pubsub._start(workdir)
@@ -143,9 +154,11 @@ async def google_emulators(workdir: Path) -> AsyncIterator[tuple[str, str]]:
     pubsub_process, emulator = started
     port = free_port()
     with (workdir / "cloudtasks.log").open("wb") as log:
-        tasks_process = subprocess.Popen(
+        tasks_process = subprocess.Popen(  # noqa: ASYNC220 (must outlive no loop)
             [str(executable), "start", f"--port={port}", "--max-retries=5"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:

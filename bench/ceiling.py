@@ -53,8 +53,9 @@ async def _job(pool: asyncpg.Pool) -> None:
         async with pool.acquire() as conn, conn.transaction():
             await conn.fetchrow(_LOCK, job_id)
             await conn.execute(_OUTPUT, job_id, stage, OUTPUT)
-            await conn.execute(_PROGRESS, job_id, 25.0 * number,
-                               "completed" if last else "processing", stage)
+            await conn.execute(
+                _PROGRESS, job_id, 25.0 * number, "completed" if last else "processing", stage
+            )
             await conn.execute(_EVENT, job_id, stage, number, 25.0 * number)
             await conn.execute(_DEQUEUE, message)
             message = await conn.fetchval(_ENQUEUE, f"bench-{following}", job_id.bytes)

@@ -29,9 +29,7 @@ class HttpConnection:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
         return cls(reader, writer, f"{host}:{port}")
 
-    async def request(
-        self, method: str, path: str, body: bytes | None = None
-    ) -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -103,9 +101,9 @@ class WebhookReceiver:
         self.received.clear()
         self.duplicates = 0
 
-    async def wait_for(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` distinct jobs were notified; False on timeout."""
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, count: int, within: float) -> bool:
+        """Wait until ``count`` distinct jobs were notified; False after ``within`` seconds."""
+        deadline = time.monotonic() + within
         while len(self.received) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -115,9 +113,9 @@ class WebhookReceiver:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
         return True
 
-    async def wait_job(self, job_id: str, timeout: float) -> Received | None:
-        """Wait for the webhook of ``job_id``; None on timeout."""
-        deadline = time.monotonic() + timeout
+    async def wait_job(self, job_id: str, within: float) -> Received | None:
+        """Wait for the webhook of ``job_id``; None after ``within`` seconds."""
+        deadline = time.monotonic() + within
         while job_id not in self.received:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -120,8 +120,13 @@ class Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                list(argv), cwd=REPO, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                list(argv),
+                cwd=REPO,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.peak_rss = 0
         self._sampler: asyncio.Task[None] | None = None
@@ -156,7 +161,7 @@ class Child:
         except OSError:
             return ""
 
-    async def stop(self, timeout: float = 20.0) -> None:
+    async def stop(self, grace: float = 20.0) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -164,20 +169,20 @@ class Child:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            deadline = time.monotonic() + grace
+            while self.process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # a child exiting sets no event we could await
             if self.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 await asyncio.to_thread(self.process.wait, 10)
 
 
-async def wait_until_ready(child: Child, url: str, timeout: float = 60.0) -> None:
+async def wait_until_ready(child: Child, url: str, within: float = 60.0) -> None:
     """Poll ``url`` until it answers 200, failing fast if the child dies."""
     from bench.httpio import HttpConnection
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         child.check_alive()
         try:
@@ -191,7 +196,7 @@ async def wait_until_ready(child: Child, url: str, timeout: float = 60.0) -> Non
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         await asyncio.sleep(0.1)
-    raise BenchError(f"{child.name} not ready at {url} after {timeout}s:\n{child.log_tail()}")
+    raise BenchError(f"{child.name} not ready at {url} after {within}s:\n{child.log_tail()}")
 
 
 def python() -> str:
@@ -207,7 +212,7 @@ async def machine_info(db_url: str) -> dict[str, object]:
         await conn.close()
     cpu = ""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # noqa: ASYNC240
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,9 @@ class Submitted:
     status: int
 
 
-async def submit_all(base_url: str, receiver: WebhookReceiver, n: int, concurrency: int,
-                     offset: int = 0) -> list[Submitted]:
+async def submit_all(
+    base_url: str, receiver: WebhookReceiver, n: int, concurrency: int, offset: int = 0
+) -> list[Submitted]:
     """POST ``n`` jobs over ``concurrency`` keep-alive connections."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
@@ -69,14 +71,18 @@ async def submit_all(base_url: str, receiver: WebhookReceiver, n: int, concurren
 
 
 async def run_jobs(
-    base_url: str, receiver: WebhookReceiver, n: int, *, concurrency: int = 32,
-    timeout: float = 300.0,
+    base_url: str,
+    receiver: WebhookReceiver,
+    n: int,
+    *,
+    concurrency: int = 32,
+    within: float = 300.0,
 ) -> dict[str, Any]:
     """Submit ``n`` jobs and wait for their webhooks; jobs/s, latency, makespan, errors."""
     receiver.reset()
     submitted = await submit_all(base_url, receiver, n, concurrency)
     accepted = [s for s in submitted if s.job_id]
-    complete = await receiver.wait_for(len(accepted), timeout)
+    complete = await receiver.wait_for(len(accepted), within)
     first = min(s.started for s in submitted)
     by_id = {s.job_id: s for s in accepted}
     latencies = [
@@ -99,11 +105,15 @@ async def run_jobs(
         "latency_p50_ms": round(percentile(latencies, 50), 1),
         "latency_p99_ms": round(percentile(latencies, 99), 1),
         "duplicate_webhooks": receiver.duplicates,
+        "rejected": {
+            str(k): v for k, v in Counter(s.status for s in submitted).items() if k != 202
+        },
     }
 
 
-async def run_one_at_a_time(base_url: str, receiver: WebhookReceiver, n: int, *, warmup: int = 3,
-                            timeout: float = 30.0) -> dict[str, Any]:
+async def run_one_at_a_time(
+    base_url: str, receiver: WebhookReceiver, n: int, *, warmup: int = 3, within: float = 30.0
+) -> dict[str, Any]:
     """Submit jobs one by one, each after the previous one's webhook; p50/p99 latency."""
     receiver.reset()
     conn = await HttpConnection.open(base_url)
@@ -119,7 +129,7 @@ async def run_one_at_a_time(base_url: str, receiver: WebhookReceiver, n: int, *,
                 errors += 1
                 continue
             job_id = str(orjson.loads(body)["job_id"])
-            item = await receiver.wait_job(job_id, timeout)
+            item = await receiver.wait_job(job_id, within)
             if item is None or item.event != "job.completed":
                 errors += 1
             elif i >= warmup:

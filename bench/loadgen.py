@@ -44,8 +44,9 @@ async def closed_loop(url: str, paths: list[str], connections: int, duration: fl
     return _figures(latencies, errors, elapsed)
 
 
-async def open_loop(url: str, paths: list[str], connections: int, duration: float,
-                    rate: float) -> dict:
+async def open_loop(
+    url: str, paths: list[str], connections: int, duration: float, rate: float
+) -> dict:
     latencies: list[float] = []
     errors = 0
     idle: asyncio.Queue[HttpConnection] = asyncio.Queue()

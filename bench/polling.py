@@ -15,12 +15,25 @@ from bench.load import run_jobs
 POLLED_JOBS = 50
 
 
-async def _loadgen(base: str, paths_file: Path, duration: float, rate: float,
-                   connections: int) -> dict[str, Any]:
+async def _loadgen(
+    base: str, paths_file: Path, duration: float, rate: float, connections: int
+) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
-        python(), "-m", "bench.loadgen", "--url", base, "--paths-file", str(paths_file),
-        "--duration", str(duration), "--rate", str(rate), "--connections", str(connections),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        python(),
+        "-m",
+        "bench.loadgen",
+        "--url",
+        base,
+        "--paths-file",
+        str(paths_file),
+        "--duration",
+        str(duration),
+        "--rate",
+        str(rate),
+        "--connections",
+        str(connections),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), duration + 90)
     if process.returncode != 0:
@@ -31,7 +44,7 @@ async def _loadgen(base: str, paths_file: Path, duration: float, rate: float,
 async def polling(dbs: Databases, workdir: Path, *, duration: float, rate: float) -> dict[str, Any]:
     """Requests/s at saturation, then latency at a fixed ``rate``, over finished jobs."""
     async with receiver() as hook, running_blogpipe(dbs, workdir, "polling") as (child, base):
-        await run_jobs(base, hook, POLLED_JOBS, timeout=120)
+        await run_jobs(base, hook, POLLED_JOBS, within=120)
         paths_file = workdir / "poll-paths.txt"
         paths_file.write_text("".join(f"/api/v1/blog/jobs/{job}\n" for job in hook.received))
         saturated = await _loadgen(base, paths_file, duration, 0, 32)

@@ -35,7 +35,9 @@ async def generate(request: Request) -> Response:
     job_id = uuid.uuid4()
     await _state["pool"].execute(
         "INSERT INTO peer_jobs (id, status, request, callback_url) VALUES ($1, 'queued', $2, $3)",
-        job_id, blog.model_dump_json(), blog.callback_url,
+        job_id,
+        blog.model_dump_json(),
+        blog.callback_url,
     )
     chain(research.s(str(job_id)), outline.s(), draft.s(), seo.s()).apply_async()
     return _json({"job_id": str(job_id), "status": "queued"}, 202)
@@ -47,8 +49,9 @@ async def ready(request: Request) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    _state["pool"] = await asyncpg.create_pool(os.environ["PEER_DATABASE_URL"], min_size=2,
-                                               max_size=10)
+    _state["pool"] = await asyncpg.create_pool(
+        os.environ["PEER_DATABASE_URL"], min_size=2, max_size=10
+    )
     yield
     await _state["pool"].close()
 

@@ -63,18 +63,54 @@ async def running_peer(
         await conn.close()
     queue = f"peer-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {"PEER_DATABASE_URL": db_url, "PEER_REDIS_URL": REDIS_URL, "PEER_QUEUE": queue,
-           "PEER_LLM_DELAY": str(delay), "WEBHOOK_SECRET": WEBHOOK_SECRET}
+    env = {
+        "PEER_DATABASE_URL": db_url,
+        "PEER_REDIS_URL": REDIS_URL,
+        "PEER_QUEUE": queue,
+        "PEER_LLM_DELAY": str(delay),
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
     worker = Child(
-        [python(), "-m", "celery", "-A", "bench.peer.tasks", "worker", "-P", "prefork",
-         "-c", str(workers), "-Q", queue, "--without-gossip", "--without-mingle",
-         "--without-heartbeat", "-l", "WARNING"],
-        env, workdir / "peer-worker.log", name="celery worker",
+        [
+            python(),
+            "-m",
+            "celery",
+            "-A",
+            "bench.peer.tasks",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(workers),
+            "-Q",
+            queue,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "WARNING",
+        ],
+        env,
+        workdir / "peer-worker.log",
+        name="celery worker",
     )
     api = Child(
-        [python(), "-m", "uvicorn", "bench.peer.api:app", "--host", "127.0.0.1", "--port",
-         str(port), "--log-level", "warning", "--no-access-log"],
-        env, workdir / "peer-api.log", name="peer api",
+        [
+            python(),
+            "-m",
+            "uvicorn",
+            "bench.peer.api:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env,
+        workdir / "peer-api.log",
+        name="peer api",
     )
     children = [worker, api]
     base = f"http://127.0.0.1:{port}"
@@ -97,11 +133,12 @@ async def running_peer(
 async def peer(dbs: Databases, workdir: Path, jobs: int, *, workers: int) -> dict[str, Any]:
     """The throughput scenario on the Celery peer."""
     async with receiver() as hook, running_peer(dbs, workdir, workers=workers) as (children, base):
-        warm = await run_jobs(base, hook, WARMUP_JOBS, timeout=60)
+        warm = await run_jobs(base, hook, WARMUP_JOBS, within=60)
         if warm["completed"] < WARMUP_JOBS:
-            raise BenchError(f"the Celery peer did not finish its warm-up jobs:\n"
-                             f"{children[0].log_tail()}")
-        figures = await run_jobs(base, hook, jobs, timeout=max(120.0, jobs / 5))
+            raise BenchError(
+                f"the Celery peer did not finish its warm-up jobs:\n{children[0].log_tail()}"
+            )
+        figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
         figures["peak_rss_mb"] = round(sum(child.peak_rss for child in children) / 2**20, 1)
         figures["celery_workers"] = workers
     return figures

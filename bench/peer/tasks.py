@@ -102,8 +102,13 @@ def _run_stage(stage: str, job_id: str) -> str:
                 (round(start + (end - start) * fraction, 1), job_id),
             )
 
-    stage_input = StageInput(request=BlogRequest.model_validate(request[0]), outputs=outputs,
-                             settings=SETTINGS, job_id=uuid.UUID(job_id), report=report)
+    stage_input = StageInput(
+        request=BlogRequest.model_validate(request[0]),
+        outputs=outputs,
+        settings=SETTINGS,
+        job_id=uuid.UUID(job_id),
+        report=report,
+    )
     result = _loop().run_until_complete(get_stage(stage).run(stage_input, LLM))
     tokens = result.usage.prompt_tokens + result.usage.completion_tokens
     with conn.transaction():
@@ -148,7 +153,8 @@ def seo(self: Task, job_id: str) -> str:
             usage.append({"stage": stage, "provider": "offline", "tokens": tokens, "cost": 0.0})
         row = conn.execute(
             "SELECT callback_url, extract(epoch FROM now() - started_at) FROM peer_jobs"
-            " WHERE id = %s", (job_id,)
+            " WHERE id = %s",
+            (job_id,),
         ).fetchone()
         result = build_result(outputs, usage, float(row[1] or 0) if row else 0.0)
         conn.execute(
@@ -164,14 +170,21 @@ def seo(self: Task, job_id: str) -> str:
 
 def _notify(task: Task, url: str, job_id: str, result: dict[str, Any]) -> None:
     now = datetime.now(UTC)
-    body = orjson.dumps({
-        "type": "job.completed", "timestamp": now.isoformat(),
-        "data": {"job_id": job_id, "status": "completed", "result": result},
-    }).decode()
+    body = orjson.dumps(
+        {
+            "type": "job.completed",
+            "timestamp": now.isoformat(),
+            "data": {"job_id": job_id, "status": "completed", "result": result},
+        }
+    ).decode()
     message_id = f"msg_{uuid.uuid4().hex}"
     signature = Webhook(os.environ["WEBHOOK_SECRET"]).sign(message_id, now, body)
-    headers = {"webhook-id": message_id, "webhook-timestamp": str(int(now.timestamp())),
-               "webhook-signature": signature, "content-type": "application/json"}
+    headers = {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signature,
+        "content-type": "application/json",
+    }
     try:
         response = _http().post(url, content=body, headers=headers)
         response.raise_for_status()
