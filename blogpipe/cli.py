@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from blogpipe import keys_cli, webhooks_cli
+from blogpipe import keys_cli, operator_cli, webhooks_cli
 from core import logredact
 from core.constants import STAGES
 from core.errors import BlogpipeError, ConfigError
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
     keys_cli.register(sub)
     webhooks_cli.register(sub)
+    operator_cli.register(sub)
     return parser
 
 

@@ -165,9 +165,7 @@ async def test_bulk_replay_preview_and_cap(pipeline: Pipeline, client: httpx.Asy
     assert pipeline.runtime is not None
     async with pipeline.runtime.engine.begin() as conn:  # as if seo had failed for all three
         await conn.execute(
-            text(
-                "UPDATE jobs SET status = 'failed', current_stage = 'seo', error_message = 'boom'"
-            )
+            text("UPDATE jobs SET status = 'failed', current_stage = 'seo', error_message = 'boom'")
         )
     preview = await client.post(
         f"{base}/replay", json={"status": "failed", "stage": "seo", "since": "2h", "dry_run": True}
