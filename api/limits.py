@@ -2,7 +2,8 @@
 
 ``RequestLimits`` (outside authentication) rejects what no handler should see: too many
 or too large headers (431), a body over ``BLOGPIPE_MAX_BODY_BYTES`` (413), a body that is
-not JSON (415), JSON nested deeper than ``BLOGPIPE_MAX_JSON_DEPTH`` (400).
+not JSON (415), JSON nested deeper than ``BLOGPIPE_MAX_JSON_DEPTH`` or holding NUL
+characters, which PostgreSQL cannot store (400).
 
 ``SubmissionLimits`` (inside authentication, so the tenant is known) admits job
 submissions: a token bucket per tenant and a cap on the tenant's jobs in flight, both
@@ -110,6 +111,12 @@ class RequestLimits:
             content_type = header_map.get(b"content-type", b"").decode("latin-1")
             if not _is_json(content_type):
                 await detail(415, "Content-Type must be application/json")(scope, receive, send)
+                return
+            if b"\\u0000" in body:
+                # PostgreSQL text and jsonb cannot store NUL: refuse it here, not with a 500.
+                await detail(400, "JSON strings must not contain NUL (\\u0000) characters")(
+                    scope, receive, send
+                )
                 return
             if json_too_deep(body, self.max_json_depth):
                 message = f"JSON is nested more than {self.max_json_depth} levels deep"

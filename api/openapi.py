@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from api import schemas
+from api.openapi_security import secure
 from core.constants import JOB_STATUSES
 from core.requests import BlogRequest
 
@@ -112,10 +113,10 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
                                           "503": _json(schemas.HealthResponse, "Not ready")}}},
     }
     paths.update(extra_paths or {})
-    return {
+    return secure({
         "openapi": "3.1.0",
         "info": {"title": "blogpipe", "version": "0.1.0",
                  "description": "Durable, event-driven blog generation with an LLM."},
         "paths": paths,
         "components": _components(),
-    }
+    })
