@@ -318,3 +318,21 @@ async def test_keys_and_webhook_secrets_never_reach_the_logs(
     captured = caplog.text + "".join(repr(vars(record)) for record in caplog.records)
     for secret in (key, wrong, secret_hook):
         assert secret not in captured
+
+
+async def test_dev_key_is_kept_and_replaced_when_revoked(engine: AsyncEngine, tmp_path) -> None:
+    from blogpipe.keys_cli import DEV_TENANT, ensure_dev_key
+
+    first = await asyncio.wait_for(ensure_dev_key(engine, tmp_path), timeout=TIMEOUT)
+    assert await asyncio.wait_for(ensure_dev_key(engine, tmp_path), timeout=TIMEOUT) == first
+    assert (tmp_path / "api_key").stat().st_mode & 0o777 == 0o600
+    repo = ApiKeyRepository(engine)
+    key = await repo.authenticate(first)
+    assert (
+        key is not None
+        and key.tenant == DEV_TENANT
+        and set(key.scopes) == {"jobs:write", "jobs:read", "operator"}
+    )
+    await repo.revoke(key.id)
+    second = await asyncio.wait_for(ensure_dev_key(engine, tmp_path), timeout=TIMEOUT)
+    assert second != first and await repo.authenticate(second) is not None
