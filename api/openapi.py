@@ -112,6 +112,9 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
                             "responses": {"200": _json(schemas.HealthResponse, "Ready"),
                                           "503": _json(schemas.HealthResponse, "Not ready")}}},
     }
+    from api.operations import openapi_paths
+
+    paths.update(openapi_paths())
     paths.update(extra_paths or {})
     return secure({
         "openapi": "3.1.0",

@@ -298,3 +298,76 @@ routes: list[Route] = [
     Route("/api/v1/blog/batch", create_batch, methods=["POST"]),
     Route("/api/v1/blog/batches/{batch_id}", batch_status, methods=["GET"]),
 ]
+
+
+def openapi_paths() -> dict[str, Any]:
+    """OpenAPI entries for the operator endpoints."""
+
+    def body(model: type[BaseModel]) -> dict[str, Any]:
+        return {"content": {"application/json": {"schema": model.model_json_schema()}}}
+
+    def answer(text: str) -> dict[str, Any]:
+        return {
+            "description": text,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    errors = {
+        "404": answer("Job not found"),
+        "409": answer("Not possible in the job's state"),
+        "422": answer("Invalid request; the message names the field"),
+    }
+    return {
+        "/api/v1/blog/jobs/{job_id}/replay": {
+            "post": {
+                "summary": "Replay a job from a stage (default: where it failed)",
+                "parameters": [job_id],
+                "requestBody": {"required": False, **body(ReplayBody)},
+                "responses": {"202": answer("Replay published"), **errors},
+            }
+        },
+        "/api/v1/blog/jobs/{job_id}/cancel": {
+            "post": {
+                "summary": "Cancel a queued or running job; emits job.cancelled",
+                "parameters": [job_id],
+                "requestBody": {"required": False, **body(CancelBody)},
+                "responses": {"200": answer("Cancelled"), **errors},
+            }
+        },
+        "/api/v1/blog/replay": {
+            "post": {
+                "summary": "Bulk replay by filter (status, stage, since) with dry_run and a cap",
+                "requestBody": {"required": True, **body(BulkReplayBody)},
+                "responses": {
+                    "200": answer("Dry run: count and ids"),
+                    "202": answer("Replayed"),
+                    "422": errors["422"],
+                },
+            }
+        },
+        "/api/v1/blog/batch": {
+            "post": {
+                "summary": f"Submit up to {MAX_BATCH} generate-enhanced requests at once",
+                "requestBody": {"required": True, **body(BatchBody)},
+                "responses": {
+                    "202": answer("Batch queued: batch_id and job_ids"),
+                    "422": errors["422"],
+                },
+            }
+        },
+        "/api/v1/blog/batches/{batch_id}": {
+            "get": {
+                "summary": "A batch's counts per status and its jobs",
+                "parameters": [
+                    {
+                        "name": "batch_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {"200": answer("The batch"), "404": answer("Batch not found")},
+            }
+        },
+    }
