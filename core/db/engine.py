@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -83,9 +84,16 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
+        # JSONB in and out (stage outputs, results, events) through orjson, not json.
+        json_serializer=_orjson_text,
+        json_deserializer=orjson.loads,
     )
     event.listen(engine.sync_engine, "checkout", _skip_closed)
     return engine
+
+
+def _orjson_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _skip_closed(dbapi_connection: Any, _record: object, _proxy: object) -> None:
