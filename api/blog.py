@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.callbacks import check_callback
 from api.deps import ApiDeps
 from api.responses import JSONResponse, detail, error
 from api.validation import BadRequest, read_json, validate
@@ -54,6 +55,7 @@ async def generate_enhanced(request: Request) -> Response:
         async_mode = _flag(request, "async_mode")
         body = await read_json(request, max_bytes=deps.settings.max_body_bytes)
         blog = validate(BlogRequest, body)
+        await check_callback(blog, deps.settings)
     except BadRequest as bad:
         return bad.response
     if not async_mode:

@@ -239,3 +239,32 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert "/api/v1/blog/generate-enhanced" in spec["paths"]
     assert "BlogRequest" in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1/hook",
+        "https://10.1.2.3/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/hook",
+        "https://localhost/hook",
+        "http://93.184.216.34/hook",
+    ],
+)
+async def test_callback_urls_into_our_network_are_refused(
+    client: httpx.AsyncClient, engine: AsyncEngine, url: str
+) -> None:
+    response = await client.post(
+        "/api/v1/blog/generate-enhanced?async_mode=true", json={**VALID, "callback_url": url}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "callback_url"]
+    assert "callback_url" in response.json()["message"]
+    assert await job_count(engine) == 0
+
+
+async def test_public_https_callback_is_accepted(client: httpx.AsyncClient) -> None:
+    body = {**VALID, "callback_url": "https://93.184.216.34/hook"}
+    response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=body)
+    assert response.status_code == 202, response.text
