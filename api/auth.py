@@ -156,7 +156,8 @@ class ApiKeyAuth:
         state["principal"] = principal
         state["tenant"] = principal.tenant
         state["key_id"] = principal.key_id
-        state["actor"] = principal.actor.name
+        if principal.key_id is not None:
+            state["actor"] = principal.actor.name  # "api-key:<id>" in operation records
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> Principal | None:
