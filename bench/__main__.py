@@ -27,11 +27,22 @@ from bench.infra import REPO, BenchError, Databases, machine_info, server_url
 from bench.peer.run import peer
 from bench.polling import polling
 
-SCENARIOS = ("ceiling", "throughput", "throughput-gcp", "concurrency", "polling", "peer", "single")
+SCENARIOS = (
+    "ceiling",
+    "throughput",
+    "throughput-scaled",
+    "throughput-gcp",
+    "concurrency",
+    "polling",
+    "peer",
+    "single",
+)
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "latest.json"
 RATIOS = {
     "throughput_vs_celery": ("throughput", "peer", "jobs_per_s"),
     "throughput_vs_ceiling": ("throughput", "ceiling", "jobs_per_s"),
+    "scaled_vs_celery": ("throughput-scaled", "peer", "jobs_per_s"),
+    "scaled_vs_ceiling": ("throughput-scaled", "ceiling", "jobs_per_s"),
 }
 
 
@@ -71,6 +82,7 @@ def _scenario(
     runners: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "ceiling": lambda: ceiling(dbs, options.jobs),
         "throughput": lambda: throughput(dbs, workdir, options.jobs),
+        "throughput-scaled": lambda: throughput(dbs, workdir, options.jobs, stage_processes=1),
         "throughput-gcp": lambda: throughput_gcp(dbs, workdir, options.gcp_jobs),
         "concurrency": lambda: concurrency(dbs, workdir, options.concurrency_jobs, options.delay),
         "polling": lambda: polling(
@@ -160,8 +172,8 @@ async def run_bench(options: Options, log: Callable[[str], None] = print) -> dic
                     clock = time.monotonic()
                     try:
                         figures = await _scenario(name, options, dbs, workdir)()
-                    except BenchError as exc:
-                        figures = {"error": str(exc)}
+                    except (BenchError, OSError, TimeoutError) as exc:
+                        figures = {"error": f"{type(exc).__name__}: {exc}"}
                     figures["wall_s"] = round(time.monotonic() - clock, 1)
                     per_run[name].append(figures)
                     this_run[name] = figures

@@ -21,6 +21,7 @@ from bench.infra import (
     wait_until_ready,
 )
 from bench.load import run_jobs, run_one_at_a_time
+from core.constants import STAGES
 
 WARMUP_JOBS = 5
 
@@ -53,23 +54,53 @@ def blogpipe_env(db_url: str, port: int, data_dir: Path, **overrides: str) -> di
     return env
 
 
+class Processes:
+    """``blogpipe dev`` plus any ``blogpipe stage`` processes, sampled as one for RSS."""
+
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+
+    @property
+    def peak_rss(self) -> int:
+        return sum(child.peak_rss for child in self.children)
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            child.check_alive()
+
+
 @contextlib.asynccontextmanager
 async def running_blogpipe(
-    dbs: Databases, workdir: Path, name: str, **overrides: str
-) -> AsyncIterator[tuple[Child, str]]:
-    """A fresh database and ``blogpipe dev`` on it; yields the process and its base URL."""
+    dbs: Databases, workdir: Path, name: str, *, stage_processes: int = 0, **overrides: str
+) -> AsyncIterator[tuple[Processes, str]]:
+    """A fresh database and ``blogpipe dev`` on it, with ``stage_processes`` extra
+    ``blogpipe stage <name>`` processes per stage sharing the subscriptions (the way
+    stages scale out); yields the processes and the API's base URL."""
     db_url = await dbs.fresh()
     port = int(overrides.get("PORT") or free_port())
     env = blogpipe_env(db_url, port, workdir / "data", **overrides)
     argv = [python(), "-m", "blogpipe", "dev"]
     child = Child(argv, env, workdir / f"{name}.log", name=f"blogpipe dev ({name})")
+    children = [child]
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_until_ready(child, f"{base}/readyz")
-        child.start_sampling()
-        yield child, base
+        for n in range(stage_processes):
+            for stage in STAGES:
+                children.append(
+                    Child(
+                        [python(), "-m", "blogpipe", "stage", stage],
+                        env,
+                        workdir / f"{name}-{stage}-{n}.log",
+                        name=f"blogpipe stage {stage}",
+                    )
+                )
+        for each in children:
+            each.start_sampling()
+        yield Processes(children), base
     finally:
-        await child.stop()
+        for each in children:
+            await each.stop()
         await dbs.drop(db_url)
 
 
@@ -83,19 +114,21 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
         await hook.stop()
 
 
-async def throughput(dbs: Databases, workdir: Path, jobs: int, **overrides: str) -> dict[str, Any]:
+async def throughput(
+    dbs: Databases, workdir: Path, jobs: int, *, stage_processes: int = 0, **overrides: str
+) -> dict[str, Any]:
     """``jobs`` submitted over HTTP as fast as they are accepted; first submit → last webhook."""
     async with (
         receiver() as hook,
-        running_blogpipe(dbs, workdir, "throughput", **overrides) as (
-            child,
-            base,
-        ),
+        running_blogpipe(
+            dbs, workdir, "throughput", stage_processes=stage_processes, **overrides
+        ) as (child, base),
     ):
         await run_jobs(base, hook, WARMUP_JOBS, within=60)
         figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
+        figures["processes"] = len(child.children)
     return figures
 
 

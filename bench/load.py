@@ -58,9 +58,15 @@ async def submit_all(
             while not queue.empty():
                 i = queue.get_nowait()
                 started = time.perf_counter()
-                status, body = await asyncio.wait_for(
-                    conn.request("POST", SUBMIT_PATH, job_body(i, receiver.url)), 60
-                )
+                try:
+                    status, body = await asyncio.wait_for(
+                        conn.request("POST", SUBMIT_PATH, job_body(i, receiver.url)), 60
+                    )
+                except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    results.append(Submitted(None, started, 0))  # 0: connection failed
+                    conn.close()
+                    conn = await HttpConnection.open(base_url)
+                    continue
                 job_id = str(orjson.loads(body)["job_id"]) if status == 202 else None
                 results.append(Submitted(job_id, started, status))
         finally:
