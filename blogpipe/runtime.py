@@ -51,7 +51,11 @@ def build_broker(settings: Settings, engine: AsyncEngine) -> Broker:
     if settings.broker == "pubsub":
         from core.broker.pubsub import PubSubBroker
 
-        return PubSubBroker(settings.google_cloud_project, emulator_host=settings.pubsub_emulator_host)
+        return PubSubBroker(
+            settings.google_cloud_project,
+            emulator_host=settings.pubsub_emulator_host,
+            max_in_flight_default=settings.pubsub_max_messages,
+        )
     from core.broker.postgres import PostgresBroker
 
     return PostgresBroker(engine)
