@@ -23,7 +23,7 @@ from core.db.dead_letters import DeadLetterStore
 from core.db.pipeline import Claim, PipelineStore, Skip, StageOutcome
 from core.errors import StageError
 from core.events import StageMessage
-from core.llm import LLM
+from core.llm import LLM, Usage
 from core.requests import BlogRequest
 from core.settings import Settings
 from stages.base import Stage, StageInput, StageResult
@@ -127,7 +127,9 @@ class StageRunner:
 
     async def _failed(self, claim: Claim, exc: Exception, delivery: Delivery) -> None:
         retryable = _is_retryable(exc)
-        await self.store.record_failure(claim, exc, retryable=retryable)
+        spent = getattr(exc, "usage", None)
+        usage = spent if isinstance(spent, Usage) else None
+        await self.store.record_failure(claim, exc, retryable=retryable, usage=usage)
         if retryable:
             logger.warning("Stage %s attempt %d failed for job %s: %s", self.stage.name,
                            claim.attempt, claim.job_id, exc, extra=self._extra(claim, "stage_retry"))

@@ -31,6 +31,7 @@ from core.constants import (
 )
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
+from core.llm import Usage
 
 logger = logging.getLogger("blogpipe.pipeline")
 
@@ -268,18 +269,25 @@ class PipelineStore:
         await self.dispatcher.flush([outbox_id])
         return "committed"
 
-    async def record_failure(self, claim: Claim, error: BaseException, *, retryable: bool) -> None:
-        """Record a failed attempt on its stage run."""
+    async def record_failure(
+        self, claim: Claim, error: BaseException, *, retryable: bool, usage: Usage | None = None
+    ) -> None:
+        """Record a failed attempt on its stage run, with the tokens it spent if known."""
+        usage = usage or Usage()
         async with self.engine.begin() as conn:
             await conn.execute(
                 text(
                     "UPDATE stage_runs SET status = 'failed', error = :error, error_type = :type,"
+                    " prompt_tokens = :pt, completion_tokens = :ct, cost = :cost,"
                     " finished_at = now(), lease_until = NULL WHERE id = :run"
                 ),
                 {
                     "run": claim.run_id,
                     "error": str(error)[:2000] or type(error).__name__,
                     "type": ("retryable:" if retryable else "permanent:") + type(error).__name__,
+                    "pt": usage.prompt_tokens,
+                    "ct": usage.completion_tokens,
+                    "cost": usage.cost,
                 },
             )
 

@@ -1,0 +1,48 @@
+"""PipelineStore transitions against a real database."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.broker import SubscriptionSpec
+from core.broker.postgres import PostgresBroker
+from core.db.jobs import JobRepository
+from core.db.pipeline import Claim, PipelineStore
+from core.dispatch import Dispatcher
+from core.errors import PermanentError
+from core.events import StageMessage
+from core.llm import Usage
+from core.requests import BlogRequest
+
+
+async def test_a_failed_attempt_keeps_the_tokens_it_spent(engine: AsyncEngine) -> None:
+    store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
+    job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+    assert await store.start_job(job.id) == "started"
+    claim = await store.claim(StageMessage(job.id, "research", job.generation))
+    assert isinstance(claim, Claim)
+    spent = Usage(prompt_tokens=120, completion_tokens=30, cost=0.002)
+    await store.record_failure(claim, PermanentError("refused"), retryable=False, usage=spent)
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT status, error_type, prompt_tokens, completion_tokens, cost FROM stage_runs"
+                )
+            )
+        ).one()
+    assert row.status == "failed" and row.error_type == "permanent:PermanentError"
+    assert (row.prompt_tokens, row.completion_tokens, row.cost) == (120, 30, 0.002)
+
+
+async def test_start_job_is_idempotent(engine: AsyncEngine) -> None:
+    broker = PostgresBroker(engine)
+    await broker.ensure_subscription(SubscriptionSpec("blog-research-worker", "blog-research"))
+    store = PipelineStore(engine, Dispatcher(engine, broker))
+    job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+    assert await store.start_job(job.id) == "started"
+    assert await store.start_job(job.id) == "already_started"
+    async with engine.connect() as conn:
+        queued = (await conn.execute(text("SELECT count(*) FROM broker_messages"))).scalar_one()
+    assert queued == 1  # one research message, not two
