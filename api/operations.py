@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.callbacks import check_callback
 from api.deps import ApiDeps
 from api.responses import JSONResponse, detail
 from api.validation import BadRequest, read_json, validate
@@ -242,10 +243,13 @@ async def create_batch(request: Request) -> Response:
     deps = _deps(request)
     try:
         body = validate(BatchBody, await read_json(request, max_bytes=MAX_BATCH * 16 * 1024))
+        items = body.items()
+        for index, item in enumerate(items):
+            await check_callback(item, deps.settings, loc=("body", "requests", index))
     except BadRequest as bad:
         return bad.response
     batch = await BatchRepository(deps.engine, deps.jobs).create(
-        body.items(),
+        items,
         tenant=_tenant(request),
         callback_url=body.callback_url,
         metadata=body.metadata,

@@ -133,6 +133,12 @@ async def test_batch_validates_everything_first(
     assert too_many.json()["detail"][0]["loc"] == ["body", "requests"]
 
     items[3]["topic"] = "Topic number 3"
+    items[2]["callback_url"] = "http://10.0.0.8/internal"
+    refused = await client.post(f"{base}/batch", json={"requests": items})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "requests", 2, "callback_url"]
+    assert await count(pipeline, "SELECT count(*) FROM jobs") == 0
+    del items[2]["callback_url"]
     items[1]["callback_url"] = "http://127.0.0.1:9/own"
     response = await client.post(
         f"{base}/batch", json={"requests": items, "callback_url": "http://127.0.0.1:9/shared"}
