@@ -59,6 +59,7 @@ class Settings:
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
     webhook_timeout: float = 10.0
     webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_previous_secrets: tuple[str, ...] = ()
     webhook_allow_http: bool = False
     openai_structured_mode: str = "json_schema"
     llm_max_concurrency: int = 16
@@ -71,7 +72,7 @@ class Settings:
     publisher_name: str = "blogpipe"
 
     max_delivery_attempts: int = 5
-    stage_lease_seconds: float = 120.0
+    stage_lease_seconds: float = 30.0
     ack_deadline_seconds: float = 60.0
     min_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60.0
@@ -155,6 +156,7 @@ class Settings:
             ),
             webhook_timeout=reader.number("WEBHOOK_TIMEOUT", 10.0, minimum=0.1),
             webhook_allowed_hosts=reader.csv("WEBHOOK_ALLOWED_HOSTS"),
+            webhook_previous_secrets=reader.secrets("WEBHOOK_PREVIOUS_SECRETS"),
             webhook_allow_http=reader.boolean("WEBHOOK_ALLOW_HTTP", False),
             openai_structured_mode=reader.choice(
                 "OPENAI_STRUCTURED_MODE", ("json_schema", "json_object", "prompt"), "json_schema"
@@ -175,7 +177,7 @@ class Settings:
             author_name=reader.text("BLOGPIPE_AUTHOR_NAME") or "blogpipe",
             publisher_name=reader.text("BLOGPIPE_PUBLISHER_NAME") or "blogpipe",
             max_delivery_attempts=reader.integer("BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
-            stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 120.0, minimum=1.0),
+            stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 30.0, minimum=1.0),
             ack_deadline_seconds=reader.number("BLOGPIPE_ACK_DEADLINE", 60.0, minimum=1.0),
             min_backoff_seconds=reader.number("BLOGPIPE_MIN_BACKOFF", 1.0, minimum=0.0),
             max_backoff_seconds=reader.number("BLOGPIPE_MAX_BACKOFF", 60.0, minimum=0.0),
@@ -302,6 +304,12 @@ class _Reader:
         if raw is not None and not raw.startswith("whsec_"):
             raise ConfigError(f"{name} must be a Standard Webhooks secret starting with 'whsec_'")
         return raw
+
+    def secrets(self, name: str) -> tuple[str, ...]:
+        values = self.csv(name)
+        if any(not value.startswith("whsec_") for value in values):
+            raise ConfigError(f"{name} must list Standard Webhooks secrets starting with 'whsec_'")
+        return values
 
     def schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
         raw = self.text(name)

@@ -171,7 +171,7 @@ class WebhookOperations:
 
     async def ping(self, url: str, *, tenant: str = "default") -> SendResult:
         """Send a signed ``ping`` event to ``url`` once (through the SSRF guard)."""
-        previous = tuple(getattr(self.settings, "webhook_previous_secrets", ()) or ())
+        previous = self.settings.webhook_previous_secrets
         signer = Signer.from_secrets(self.settings.webhook_secret, previous)
         endpoint = await self.deliveries.endpoint(tenant, url)
         if endpoint is not None:

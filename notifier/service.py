@@ -76,7 +76,7 @@ class Notifier:
         self.jobs = JobRepository(engine)
         self.deliveries = DeliveryRepository(engine)
         if previous_secrets is None:  # WEBHOOK_PREVIOUS_SECRETS, during a rotation
-            previous_secrets = tuple(getattr(settings, "webhook_previous_secrets", ()) or ())
+            previous_secrets = settings.webhook_previous_secrets
         self.signer = Signer.from_secrets(settings.webhook_secret, previous_secrets)
         self.policy = RetryPolicy(
             tuple(settings.webhook_retry_schedule), max_retry_after=max_retry_after
