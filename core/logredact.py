@@ -61,9 +61,9 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
     if record.exc_text:
+        # Formatters print exc_text when it is set; exc_info stays for code that inspects
+        # the exception (a handler that re-renders it itself must redact on its own).
         record.exc_text = redact(record.exc_text)
-        # The exception object may hold the secret too; handlers print exc_text instead.
-        record.exc_info = None
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
     return record
