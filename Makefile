@@ -49,5 +49,9 @@ fmt: install
 bench: install
 	$(BIN)/python -m bench
 
+# Schemathesis against /openapi.json with many more examples than `make test` runs.
+fuzz: install
+	BLOGPIPE_FUZZ_EXAMPLES=300 BLOGPIPE_FUZZ_MODES=all $(BIN)/pytest tests/integration/test_schemathesis.py -p no:cacheprovider
+
 clean:
 	rm -rf $(VENV) $(TASKS_VENV) .pytest_cache .mypy_cache .ruff_cache
