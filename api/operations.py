@@ -15,10 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.auth import actor_of
 from api.callbacks import check_callback
 from api.deps import ApiDeps
 from api.responses import JSONResponse, detail
 from api.validation import BadRequest, read_json, validate
+from core.db import audit
 from core.db.batches import MAX_BATCH, BatchRepository
 from core.db.idempotency import IdempotencyMismatch, IdempotencyStore, valid_key
 from core.db.jobs import JobRecord
@@ -95,6 +97,11 @@ class BatchBody(BaseModel):
             item.model_copy(update={k: v for k, v in shared.items() if getattr(item, k) is None})
             for item in self.requests
         ]
+
+
+async def _audit(request: Request, action: str, target: str, details: dict[str, Any]) -> None:
+    """Operator actions go to the audit log: who, when, what, from which key."""
+    await audit.record(_deps(request).engine, actor_of(request), action, target, details)
 
 
 def _deps(request: Request) -> ApiDeps:
@@ -183,6 +190,7 @@ async def replay_job(request: Request) -> Response:
         return detail(404, f"Job {raw} not found")
     except BlogpipeError as exc:
         return _failure(exc)
+    await _audit(request, "job.replay", raw, result.to_json())
     return JSONResponse(result.to_json(), status_code=202)
 
 
@@ -202,6 +210,7 @@ async def cancel_job(request: Request) -> Response:
         return detail(404, f"Job {raw} not found")
     except BlogpipeError as exc:
         return _failure(exc)
+    await _audit(request, "job.cancel", raw, result.to_json())
     return JSONResponse(result.to_json())
 
 
@@ -235,6 +244,8 @@ async def bulk_replay(request: Request) -> Response:
         )
     except (InvalidOperation, ValueError) as exc:
         return detail(422, str(exc))
+    if not body.dry_run:
+        await _audit(request, "job.bulk_replay", "jobs", outcome.to_json())
     return JSONResponse(outcome.to_json(), status_code=200 if body.dry_run else 202)
 
 

@@ -200,3 +200,25 @@ async def test_batches_are_per_tenant(world: tuple[Starlette, Tenant, Tenant]) -
     assert other.status_code == missing.status_code == 404
     assert other.text.replace(batch_id, "ID") == missing.text.replace(absent, "ID")
     assert acme.topic not in other.text + listing.text
+
+
+async def test_replay_and_cancel_are_audited(
+    world: tuple[Starlette, Tenant, Tenant],
+    engine: AsyncEngine,
+) -> None:
+    from core.db import audit
+
+    app, acme, _ = world
+    async with client_for(app, acme.key) as client:
+        cancelled = await call(client, "POST", f"/api/v1/blog/jobs/{acme.job_id}/cancel")
+        replayed = await call(
+            client, "POST", f"/api/v1/blog/jobs/{acme.job_id}/replay",
+            json={"from_stage": "research", "reason": "audit test"},
+        )
+    assert cancelled.status_code == 200, cancelled.text
+    assert replayed.status_code == 202, replayed.text
+    entries = await audit.entries(engine, tenant="acme")
+    actions = {entry.action: entry for entry in entries}
+    assert {"job.cancel", "job.replay"} <= set(actions)
+    assert actions["job.replay"].target == acme.job_id
+    assert actions["job.replay"].actor.startswith("api-key:")
