@@ -52,7 +52,7 @@ class Options:
 
     scenarios: tuple[str, ...] = SCENARIOS
     jobs: int = 500
-    runs: int = 3
+    runs: int = 2
     gcp_jobs: int = 300
     gcp_runs: int = 1
     concurrency_jobs: int = 2000
