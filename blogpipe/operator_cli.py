@@ -48,6 +48,19 @@ def _with_runtime(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+async def _audit(runtime: Any, action: str, target: str, details: dict[str, Any],
+                 job_id: UUID | None = None) -> None:
+    """CLI operator actions are audited like the API's, under the job's tenant."""
+    from core.db import audit
+
+    tenant = "default"
+    if job_id is not None:
+        job = await runtime.jobs.get(job_id)
+        tenant = job.tenant if job is not None else tenant
+    await audit.record(runtime.engine, audit.Actor(tenant=tenant, name=_actor()), action,
+                       target, details)
+
+
 def _operations(runtime: Any) -> Any:
     from core.db.operations import OperationsStore
 
@@ -62,12 +75,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             "give a JOB_ID, or a filter (--status, --stage, --since) to bulk replay"
         )
     if args.job_id is not None:
-        result = _with_runtime(
-            settings,
-            lambda rt: _operations(rt).replay(
+
+        async def replay_one(rt: Any) -> Any:
+            result = await _operations(rt).replay(
                 args.job_id, actor=_actor(), from_stage=args.from_stage, reason=args.reason
-            ),
-        )
+            )
+            await _audit(rt, "job.replay", str(args.job_id), result.to_json(), args.job_id)
+            return result
+
+        result = _with_runtime(settings, replay_one)
         print(
             f"Job {result.job_id} replayed from {result.from_stage}"
             f" (generation {result.generation}, was {result.previous_status})"
@@ -79,17 +95,20 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         stage=args.stage,
         since_seconds=parse_duration(args.since) if args.since else None,
     )
-    outcome = _with_runtime(
-        settings,
-        lambda rt: _operations(rt).bulk_replay(
+    async def replay_many(rt: Any) -> Any:
+        outcome = await _operations(rt).bulk_replay(
             where,
             actor=_actor(),
             from_stage=args.from_stage,
             reason=args.reason,
             cap=cap,
             dry_run=args.dry_run,
-        ),
-    )
+        )
+        if not args.dry_run:
+            await _audit(rt, "job.bulk_replay", "jobs", outcome.to_json())
+        return outcome
+
+    outcome = _with_runtime(settings, replay_many)
     verb = "would replay" if args.dry_run else "replayed"
     count = len(outcome.job_ids) if args.dry_run else len(outcome.replayed)
     print(f"{outcome.matched} job(s) match; {verb} {count} (cap {cap})")
@@ -104,9 +123,12 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    result = _with_runtime(
-        settings, lambda rt: _operations(rt).cancel(args.job_id, actor=_actor(), reason=args.reason)
-    )
+    async def cancel(rt: Any) -> Any:
+        result = await _operations(rt).cancel(args.job_id, actor=_actor(), reason=args.reason)
+        await _audit(rt, "job.cancel", str(args.job_id), result.to_json(), args.job_id)
+        return result
+
+    result = _with_runtime(settings, cancel)
     print(f"Job {result.job_id} cancelled (was {result.previous_status})")
     return 0
 

@@ -107,6 +107,12 @@ async def test_cleanup_jobs_cancel_and_replay_commands(
     assert f"Job {running} is already cancelled and cannot be cancelled" in again.stderr
     replayed = await blogpipe(database_url, "replay", str(running))
     assert "replayed from research (generation 3" in replayed.stdout, replayed.stderr
+    async with engine.connect() as conn:
+        audited = (
+            await conn.execute(text("SELECT action, actor FROM audit_log ORDER BY id"))
+        ).all()
+    assert [row.action for row in audited] == ["job.cancel", "job.replay"]
+    assert all(row.actor.startswith("cli:") for row in audited)
     shown = await blogpipe(database_url, "jobs", "show", str(running))
     assert "cancel by cli:" in shown.stdout and "replay by cli:" in shown.stdout
     assert "research" in shown.stdout and "processing" in shown.stdout
