@@ -8,9 +8,10 @@ state change with a progress event, and stages the next message through the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -79,10 +80,32 @@ def _json(value: object) -> str:
 class PipelineStore:
     """The transactions the API worker endpoint and the stage runners perform."""
 
-    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher, *, lease_seconds: float = 120.0):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        dispatcher: Dispatcher,
+        *,
+        lease_seconds: float = 120.0,
+        asynchronous_commit: bool | None = None,
+    ):
         self.engine = engine
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
+        # With the postgres broker every hand-off lives in the same WAL as the state it
+        # follows, so a commit need not wait for the disk: a database crash can only lose
+        # the newest transitions *together with* the queue rows they wrote, and the older
+        # message is redelivered and the stage redone. With Pub/Sub a message may already
+        # have left when the commit is lost, so commits stay synchronous there.
+        self.asynchronous_commit = (
+            dispatcher.transactional if asynchronous_commit is None else asynchronous_commit
+        )
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            if self.asynchronous_commit:
+                await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            yield conn
 
     async def start_job(self, job_id: UUID) -> str:
         """Move a queued job to processing and hand it to the first stage.
@@ -90,7 +113,7 @@ class PipelineStore:
         Returns ``started``, ``already_started`` (a duplicate Cloud Tasks delivery),
         ``finished`` or ``missing``; only ``started`` publishes anything.
         """
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             row = (
                 await conn.execute(
                     text("SELECT status, generation FROM jobs WHERE id = :id FOR UPDATE"),
@@ -116,7 +139,7 @@ class PipelineStore:
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             job = (
                 await conn.execute(
                     text("SELECT status, generation, request FROM jobs WHERE id = :id FOR UPDATE"),
@@ -188,7 +211,7 @@ class PipelineStore:
 
     async def report_progress(self, claim: Claim, percentage: float, details: str) -> None:
         """Move progress within a stage and extend the run's lease."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 text(
                     "UPDATE stage_runs SET lease_until = now() + make_interval(secs => :lease)"
@@ -211,7 +234,7 @@ class PipelineStore:
 
     async def heartbeat(self, claim: Claim) -> None:
         """Extend the run's lease while the stage is still working."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 text(
                     "UPDATE stage_runs SET lease_until = now() + make_interval(secs => :lease)"
@@ -224,7 +247,7 @@ class PipelineStore:
         self, claim: Claim, outcome: StageOutcome, finalize: Finalizer | None = None
     ) -> str:
         """Commit a stage's output and hand off; ``committed`` or ``discarded`` (stale)."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             job = (
                 await conn.execute(
                     text("SELECT status, generation, started_at FROM jobs WHERE id = :id FOR UPDATE"),
@@ -274,7 +297,7 @@ class PipelineStore:
     ) -> None:
         """Record a failed attempt on its stage run, with the tokens it spent if known."""
         usage = usage or Usage()
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 text(
                     "UPDATE stage_runs SET status = 'failed', error = :error, error_type = :type,"
@@ -293,7 +316,7 @@ class PipelineStore:
 
     async def fail_job_unstarted(self, job_id: UUID, message: str) -> None:
         """A queued job whose hand-off to the task queue failed: mark it failed, clearly."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 text(
                     "UPDATE jobs SET status = 'failed', error_message = :message, completed_at ="
@@ -321,7 +344,7 @@ class PipelineStore:
         self, job_id: UUID, generation: int, stage: str, message: str, details: dict[str, Any]
     ) -> bool:
         """Mark the job failed at ``stage`` and emit ``job.failed``; False if stale or finished."""
-        async with self.engine.begin() as conn:
+        async with self._transaction() as conn:
             job = (
                 await conn.execute(
                     text("SELECT status, generation FROM jobs WHERE id = :id FOR UPDATE"),

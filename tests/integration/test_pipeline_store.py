@@ -46,3 +46,19 @@ async def test_start_job_is_idempotent(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         queued = (await conn.execute(text("SELECT count(*) FROM broker_messages"))).scalar_one()
     assert queued == 1  # one research message, not two
+
+
+async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
+    engine: AsyncEngine,
+) -> None:
+    from core.broker.memory import InMemoryBroker
+
+    transactional = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
+    outbox = PipelineStore(engine, Dispatcher(engine, InMemoryBroker()))
+    assert transactional.asynchronous_commit and not outbox.asynchronous_commit
+    async with transactional._transaction() as conn:
+        setting = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
+    assert setting == "off"
+    async with outbox._transaction() as conn:
+        setting = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
+    assert setting == "on"
