@@ -54,28 +54,29 @@ class JobRecord:
         return cls(**dict(row._mapping))
 
 
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """One progress event of a job (CONTRACT ``progress_updates`` item)."""
+def _utc(column: str) -> str:
+    """SQL rendering a timestamptz as ISO 8601 in UTC, the same text ``iso`` writes."""
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
 
-    stage: str
-    stage_number: int
-    total_stages: int
-    progress_percentage: float
-    status: str
-    details: str | None
-    timestamp: datetime
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "stage_number": self.stage_number,
-            "total_stages": self.total_stages,
-            "progress_percentage": self.progress_percentage,
-            "status": self.status,
-            "details": self.details,
-            "timestamp": iso(self.timestamp),
-        }
+# The whole status document in one round trip: the job, its progress updates (the
+# CONTRACT's ``progress_updates`` items) and its stage runs, aggregated as JSON.
+STATUS_QUERY = f"""
+SELECT {JOB_COLUMNS},
+  (SELECT coalesce(json_agg(json_build_object(
+      'stage', e.stage, 'stage_number', e.stage_number, 'total_stages', e.total_stages,
+      'progress_percentage', e.progress_percentage, 'status', e.status, 'details', e.details,
+      'timestamp', {_utc("e.created_at")}) ORDER BY e.id), '[]'::json)
+   FROM job_events e WHERE e.job_id = jobs.id) AS updates,
+  (SELECT coalesce(json_agg(json_build_object(
+      'stage', r.stage, 'generation', r.generation, 'status', r.status, 'error', r.error,
+      'error_type', r.error_type, 'provider', r.provider,
+      'tokens', r.prompt_tokens + r.completion_tokens, 'cost', r.cost,
+      'started_at', {_utc("r.started_at")}, 'finished_at', {_utc("r.finished_at")},
+      'duration_seconds', EXTRACT(EPOCH FROM r.finished_at - r.started_at)) ORDER BY r.id),
+      '[]'::json)
+   FROM stage_runs r WHERE r.job_id = jobs.id) AS runs
+FROM jobs WHERE id = :id"""
 
 
 def iso(value: datetime | None) -> str | None:
@@ -158,21 +159,11 @@ class JobRepository:
             row = (await conn.execute(text(query), params)).first()
         return JobRecord.from_row(row) if row else None
 
-    async def progress_updates(self, conn: AsyncConnection, job_id: UUID) -> list[ProgressUpdate]:
-        rows = await conn.execute(
-            text(
-                "SELECT stage, stage_number, total_stages, progress_percentage, status, details,"
-                " created_at AS timestamp FROM job_events WHERE job_id = :id ORDER BY id"
-            ),
-            {"id": job_id},
-        )
-        return [ProgressUpdate(**dict(row._mapping)) for row in rows]
-
     async def status_document(
         self, job_id: UUID, *, tenant: str | None = None
     ) -> dict[str, Any] | None:
         """The CONTRACT's ``JobStatusResponse`` for a job, or None if it is not found."""
-        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"
+        query = STATUS_QUERY
         params: dict[str, Any] = {"id": job_id}
         if tenant is not None:
             query += " AND tenant = :tenant"
@@ -181,11 +172,10 @@ class JobRepository:
             row = (await conn.execute(text(query), params)).first()
             if row is None:
                 return None
-            job = JobRecord.from_row(row)
-            updates = await self.progress_updates(conn, job_id)
-            stages = await self._stage_summaries(conn, job_id)
             estimate = await self._estimated_total(conn)
-        return status_document(job, updates, stages, estimate)
+        fields = dict(row._mapping)
+        updates, runs = fields.pop("updates"), fields.pop("runs")
+        return status_document(JobRecord(**fields), updates, runs, estimate)
 
     async def page(
         self,
@@ -209,7 +199,9 @@ class JobRepository:
             clauses.append("(created_at, id) < (:c_created, :c_id)")
             params.update(c_created=created_at, c_id=last_id)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT :limit"
+        query = (
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT :limit"
+        )
         async with self.engine.connect() as conn:
             rows = [JobRecord.from_row(row) for row in await conn.execute(text(query), params)]
         next_cursor = None
@@ -217,17 +209,6 @@ class JobRepository:
             rows = rows[:limit]
             next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
         return rows, next_cursor
-
-    async def _stage_summaries(self, conn: AsyncConnection, job_id: UUID) -> list[dict[str, Any]]:
-        rows = await conn.execute(
-            text(
-                "SELECT stage, generation, attempt, status, error, error_type, provider, model,"
-                " prompt_tokens, completion_tokens, cost, started_at, finished_at"
-                " FROM stage_runs WHERE job_id = :id ORDER BY id"
-            ),
-            {"id": job_id},
-        )
-        return [dict(row._mapping) for row in rows]
 
     async def estimated_seconds(self) -> float:
         """How long a job takes end to end, learned from recent runs."""
@@ -263,31 +244,14 @@ def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, A
             views.append({"stage": stage, "status": "pending", "attempts": 0})
             continue
         last = attempts[-1]
-        finished = last["finished_at"]
-        views.append(
-            {
-                "stage": stage,
-                "status": last["status"],
-                "generation": last["generation"],
-                "attempts": len([run for run in attempts if run["generation"] == last["generation"]]),
-                "started_at": iso(last["started_at"]),
-                "finished_at": iso(finished),
-                "duration_seconds": (finished - last["started_at"]).total_seconds()
-                if finished
-                else None,
-                "provider": last["provider"],
-                "tokens": last["prompt_tokens"] + last["completion_tokens"],
-                "cost": last["cost"],
-                "error": last["error"],
-                "error_type": last["error_type"],
-            }
-        )
+        same_generation = [run for run in attempts if run["generation"] == last["generation"]]
+        views.append({**last, "attempts": len(same_generation)})
     return views
 
 
 def status_document(
     job: JobRecord,
-    updates: list[ProgressUpdate],
+    updates: list[dict[str, Any]],
     runs: list[dict[str, Any]],
     estimated_total: float = DEFAULT_ESTIMATE_SECONDS,
 ) -> dict[str, Any]:
@@ -309,7 +273,7 @@ def status_document(
         "error_message": job.error_message,
         "error": job.error,
         "estimated_time_remaining": remaining,
-        "progress_updates": [update.to_json() for update in updates],
+        "progress_updates": updates,
         "stages": stage_views(runs, job.generation),
         "generation": job.generation,
         "total_stages": TOTAL_STAGES,
