@@ -27,8 +27,9 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.exception("Unhandled error on %s %s", request.method, request.url.path,
-                     extra={"action": "http_500"})
+    logger.exception(
+        "Unhandled error on %s %s", request.method, request.url.path, extra={"action": "http_500"}
+    )
     return detail(500, "Internal server error")
 
 

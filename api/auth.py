@@ -2,7 +2,8 @@
 tenant and scopes.
 
 The middleware puts the caller on ``request.state``: ``principal`` (a Principal),
-``tenant`` (every handler filters by it), ``key_id`` and ``actor`` (for audit records). Scopes are decided here, from
+``tenant`` (every handler filters by it), ``key_id`` and ``actor`` (for audit records).
+Scopes are decided here, from
 the method and path, so a new route is covered the day it is added: reads under
 ``/api/v1/blog/`` need ``jobs:read``, submissions ``jobs:write``, and anything else under
 ``/api/`` (cancel, replay, redelivery, bulk actions) ``operator``.

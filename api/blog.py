@@ -75,8 +75,12 @@ async def generate_enhanced(request: Request) -> Response:
     try:
         await deps.task_queue.enqueue(job.id, blog.model_dump(mode="json"))
     except BlogpipeError as exc:
-        logger.error("Could not enqueue job %s: %s", job.id, exc,
-                     extra={"action": "enqueue_failed", "job_id": str(job.id)})
+        logger.error(
+            "Could not enqueue job %s: %s",
+            job.id,
+            exc,
+            extra={"action": "enqueue_failed", "job_id": str(job.id)},
+        )
         await deps.store.fail_job_unstarted(job.id, f"Job could not be queued: {exc}")
         return detail(503, "The job could not be queued; try again shortly", job_id=str(job.id))
     logger.info("Job %s queued", job.id, extra={"action": "job_queued", "job_id": str(job.id)})
@@ -158,9 +162,12 @@ async def worker(request: Request) -> Response:
     if outcome == "missing":
         return error(404, f"Job {raw} not found")
     task = request.headers.get("x-cloudtasks-taskname")
-    logger.info("Worker call for job %s: %s", job_id, outcome,
-                extra={"action": "worker_called", "job_id": str(job_id), "outcome": outcome,
-                       "task": task})
+    logger.info(
+        "Worker call for job %s: %s",
+        job_id,
+        outcome,
+        extra={"action": "worker_called", "job_id": str(job_id), "outcome": outcome, "task": task},
+    )
     return JSONResponse({"job_id": str(job_id), "status": "processing", "outcome": outcome})
 
 

@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.openapi import openapi_document
 from api.responses import JSONResponse
 
 
@@ -24,8 +23,9 @@ async def readyz(request: Request) -> Response:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
     except Exception as exc:
-        return JSONResponse({"status": "unavailable", "checks": {"database": str(exc)[:200]}},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "unavailable", "checks": {"database": str(exc)[:200]}}, status_code=503
+        )
     return JSONResponse({"status": "ok", "checks": {"database": "ok"}})
 
 

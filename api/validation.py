@@ -70,7 +70,9 @@ def validation_response(exc: ValidationError, prefix: tuple[str | int, ...]) -> 
         for error in exc.errors(include_url=False, include_context=False, include_input=False)
     ]
     summary = "; ".join(
-        f"{'.'.join(str(part) for part in error['loc'][len(prefix):]) or 'body'}: {error['msg']}"
+        f"{'.'.join(str(part) for part in error['loc'][len(prefix) :]) or 'body'}: {error['msg']}"
         for error in errors
     )
-    return JSONResponse({"detail": errors, "message": f"Invalid request: {summary}"}, status_code=422)
+    return JSONResponse(
+        {"detail": errors, "message": f"Invalid request: {summary}"}, status_code=422
+    )

@@ -72,8 +72,13 @@ def webhook_routes(
         delivery = await ops.redeliver(delivery_id)
         if delivery is None:
             return detail(409, "An attempt of this delivery is in flight; try again shortly")
-        await audit.record(engine, actor_of(request), "webhook.redeliver", str(delivery_id),
-                           {"job_id": str(found.job_id), "event_type": found.event_type})
+        await audit.record(
+            engine,
+            actor_of(request),
+            "webhook.redeliver",
+            str(delivery_id),
+            {"job_id": str(found.job_id), "event_type": found.event_type},
+        )
         return JSONResponse({"delivery": delivery.to_json(), "queued": True}, status_code=202)
 
     async def recover(request: Request) -> Response:
@@ -94,8 +99,13 @@ def webhook_routes(
             since=since, cap=cap, dry_run=dry_run, tenant=str(tenant) if tenant else None
         )
         if not dry_run:
-            await audit.record(engine, actor_of(request), "webhook.recover", f"since:{since}",
-                               {"cap": cap, "tenant": tenant, "queued": result.to_json()["queued"]})
+            await audit.record(
+                engine,
+                actor_of(request),
+                "webhook.recover",
+                f"since:{since}",
+                {"cap": cap, "tenant": tenant, "queued": result.to_json()["queued"]},
+            )
         return JSONResponse(result.to_json(), status_code=200 if dry_run else 202)
 
     async def ping(request: Request) -> Response:
@@ -132,8 +142,13 @@ def webhook_routes(
             return detail(422, "url is required")
         tenant = tenant_of(request) or str(params.get("tenant") or "default")
         resumed = await ops.enable_endpoint(url, tenant=tenant, recover=recover_held)
-        await audit.record(engine, actor_of(request), "webhook.endpoint_enabled", url,
-                           {"tenant": tenant, "resumed": resumed})
+        await audit.record(
+            engine,
+            actor_of(request),
+            "webhook.endpoint_enabled",
+            url,
+            {"tenant": tenant, "resumed": resumed},
+        )
         return JSONResponse({"url": url, "tenant": tenant, "enabled": True, "resumed": resumed})
 
     def admin(endpoint: Endpoint) -> Endpoint:

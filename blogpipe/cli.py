@@ -74,8 +74,11 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-async def _until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[None]],
-                           on_ready: Callable[[], None] | None = None) -> None:
+async def _until_signalled(
+    start: Callable[[], Awaitable[object]],
+    stop: Callable[[], Awaitable[None]],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,7 +117,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             f"  curl -s -X POST '{url}/api/v1/blog/generate-enhanced?async_mode=true' \\\n"
             + auth
             + "       -H 'Content-Type: application/json' \\\n"
-            "       -d '{\"topic\": \"Best presents for teenagers\", \"keywords\": [\"gifts for teens\"]}'\n"
+            + "       -d '"
+            + '{"topic": "Best presents for teenagers", "keywords": ["gifts for teens"]}'
+            + "'\n"
             + (f"  curl -s -H 'Authorization: Bearer {api_key[0]}'" if api_key else "  curl -s")
             + f" {url}/api/v1/blog/jobs/<job_id>\n",
             flush=True,
@@ -140,9 +145,13 @@ def _run_components(settings: Settings, components: Sequence[str]) -> int:
     from blogpipe.runtime import Pipeline
 
     pipeline = Pipeline(settings, components=components, setup=False)
-    asyncio.run(_until_signalled(pipeline.start, pipeline.stop,
-                                 lambda: logger.info("Running %s", ", ".join(components),
-                                                     extra={"action": "started"})))
+    asyncio.run(
+        _until_signalled(
+            pipeline.start,
+            pipeline.stop,
+            lambda: logger.info("Running %s", ", ".join(components), extra={"action": "started"}),
+        )
+    )
     return 0
 
 
@@ -190,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=cmd_migrate)
     init = sub.add_parser("init", help="create topics, subscriptions and the task queue")
-    init.add_argument("--push-endpoint", metavar="URL",
-                      help="create push subscriptions to URL/pubsub/push/<subscription>")
+    init.add_argument(
+        "--push-endpoint",
+        metavar="URL",
+        help="create push subscriptions to URL/pubsub/push/<subscription>",
+    )
     init.set_defaults(func=cmd_init)
     keys_cli.register(sub)
     webhooks_cli.register(sub)
@@ -202,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "push_endpoint", None) and not args.push_endpoint.startswith(("http://", "https://")):
+    if getattr(args, "push_endpoint", None) and not args.push_endpoint.startswith(
+        ("http://", "https://")
+    ):
         parser.error("--push-endpoint must be an http(s) URL")
     try:
         settings = Settings.from_env()

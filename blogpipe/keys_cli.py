@@ -121,7 +121,7 @@ async def ensure_dev_key(engine: AsyncEngine, data_dir: Path) -> str:
     _, secret = await keys.create(
         DEV_TENANT, SCOPES, name="blogpipe dev", actor=audit.Actor.system(DEV_TENANT)
     )
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at dev start-up
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return secret

@@ -48,8 +48,9 @@ def _with_runtime(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-async def _audit(runtime: Any, action: str, target: str, details: dict[str, Any],
-                 job_id: UUID | None = None) -> None:
+async def _audit(
+    runtime: Any, action: str, target: str, details: dict[str, Any], job_id: UUID | None = None
+) -> None:
     """CLI operator actions are audited like the API's, under the job's tenant."""
     from core.db import audit
 
@@ -57,8 +58,9 @@ async def _audit(runtime: Any, action: str, target: str, details: dict[str, Any]
     if job_id is not None:
         job = await runtime.jobs.get(job_id)
         tenant = job.tenant if job is not None else tenant
-    await audit.record(runtime.engine, audit.Actor(tenant=tenant, name=_actor()), action,
-                       target, details)
+    await audit.record(
+        runtime.engine, audit.Actor(tenant=tenant, name=_actor()), action, target, details
+    )
 
 
 def _operations(runtime: Any) -> Any:
@@ -95,6 +97,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         stage=args.stage,
         since_seconds=parse_duration(args.since) if args.since else None,
     )
+
     async def replay_many(rt: Any) -> Any:
         outcome = await _operations(rt).bulk_replay(
             where,
@@ -194,7 +197,7 @@ def _dead_letters(rt: Any) -> Any:
 
 def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     letters = _with_runtime(
-        settings, lambda rt: _dead_letters(rt).list(limit=args.limit, include_replayed=args.all)
+        settings, lambda rt: _dead_letters(rt).recent(limit=args.limit, include_replayed=args.all)
     )
     print(f"{'ID':>6}  {'JOB ID':36}  {'STAGE':8}  {'GEN':>3}  {'TRIES':>5}  {'OUTCOME':11}  ERROR")
     for letter in letters:

@@ -19,11 +19,9 @@ from api.app import create_app
 from api.caller_auth import push_authorizer, worker_authorizer
 from api.deps import ApiDeps
 from api.push import push_route
-from core.broker import Broker, Handler, SubscriptionSpec
+from core.broker import Broker, Handler
 from core.broker.provision import provision
 from core.constants import (
-    EVENTS_TOPIC,
-    NOTIFIER_SUBSCRIPTION,
     STAGES,
     dead_letter_subscription,
     stage_subscription,
@@ -111,7 +109,10 @@ class Runtime:
             push_endpoint=push_endpoint,
         )
         await self.task_queue.ensure_queue()
-        return [*(str(item) for item in done), f"task queue {s.task_queue}:{s.cloud_tasks_queue_name}"]
+        return [
+            *(str(item) for item in done),
+            f"task queue {s.task_queue}:{s.cloud_tasks_queue_name}",
+        ]
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -126,11 +127,18 @@ class Runtime:
         """Subscribe a stage and its dead-letter consumer."""
         runner = self.stage_runner(stage)
         limit = self.settings.pubsub_max_messages
-        self.spawn(self.broker.subscribe(stage_subscription(stage), runner.handle, max_in_flight=limit),
-                   f"stage-{stage}")
-        self.spawn(self.broker.subscribe(dead_letter_subscription(stage_topic(stage)),
-                                         runner.handle_dead_letter, max_in_flight=10),
-                   f"dead-letter-{stage}")
+        self.spawn(
+            self.broker.subscribe(stage_subscription(stage), runner.handle, max_in_flight=limit),
+            f"stage-{stage}",
+        )
+        self.spawn(
+            self.broker.subscribe(
+                dead_letter_subscription(stage_topic(stage)),
+                runner.handle_dead_letter,
+                max_in_flight=10,
+            ),
+            f"dead-letter-{stage}",
+        )
 
     def start_notifier(self) -> None:
         from notifier.service import Notifier
@@ -147,8 +155,12 @@ class Runtime:
 
         s = self.settings
         requeue = self.task_queue.enqueue if s.task_queue == "local" else None
-        sweeper = Sweeper(self.store, stuck_after=s.stuck_after_seconds,
-                          retention_hours=s.job_retention_hours, requeue=requeue)
+        sweeper = Sweeper(
+            self.store,
+            stuck_after=s.stuck_after_seconds,
+            retention_hours=s.job_retention_hours,
+            requeue=requeue,
+        )
         self.spawn(sweeper.run_forever(interval=s.sweep_interval_seconds), "sweeper")
 
     async def requeue_waiting_jobs(self) -> int:
@@ -156,8 +168,10 @@ class Runtime:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    text("SELECT id, request FROM jobs WHERE status IN ('queued', 'pending')"
-                         " ORDER BY created_at")
+                    text(
+                        "SELECT id, request FROM jobs WHERE status IN ('queued', 'pending')"
+                        " ORDER BY created_at"
+                    )
                 )
             ).all()
         for row in rows:
@@ -213,12 +227,15 @@ class Runtime:
         await self.engine.dispose()
 
 
-async def serve(app: Starlette, host: str, port: int, *, ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    app: Starlette, host: str, port: int, *, ready: Callable[[], None] | None = None
+) -> None:
     """Serve ``app`` with uvicorn inside the running loop until cancelled."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                            access_log=False)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+    )
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
     try:
@@ -273,8 +290,12 @@ class Pipeline:
         if "api" in self.components:
             runtime.start_sweeper()
         if "api" in self.components:
-            runtime.spawn(serve(runtime.app(), self.settings.host, self.settings.port,
-                                ready=self._started.set), "api")
+            runtime.spawn(
+                serve(
+                    runtime.app(), self.settings.host, self.settings.port, ready=self._started.set
+                ),
+                "api",
+            )
             await asyncio.wait_for(self._wait_started(), timeout=30)
         if self.settings.task_queue == "local" and "api" in self.components:
             await runtime.requeue_waiting_jobs()

@@ -1,1 +1,3 @@
-"""blogpipe core: settings, schema, repositories, ports and adapters. Imports nothing else of ours."""
+"""blogpipe core: settings, schema, repositories, ports and adapters.
+
+Imports nothing else of ours."""

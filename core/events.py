@@ -26,7 +26,11 @@ class StageMessage:
     @classmethod
     def from_bytes(cls, data: bytes) -> StageMessage:
         body = orjson.loads(data)
-        return cls(job_id=UUID(body["job_id"]), stage=str(body["stage"]), generation=int(body["generation"]))
+        return cls(
+            job_id=UUID(body["job_id"]),
+            stage=str(body["stage"]),
+            generation=int(body["generation"]),
+        )
 
 
 @dataclass(frozen=True)

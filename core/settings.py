@@ -172,11 +172,14 @@ class Settings:
             google_search_base_url=reader.url("GOOGLE_SEARCH_BASE_URL")
             or DEFAULT_GOOGLE_SEARCH_BASE_URL,
             search_blocked_domains=tuple(
-                domain.lower().removeprefix("www.") for domain in reader.csv("SEARCH_BLOCKED_DOMAINS")
+                domain.lower().removeprefix("www.")
+                for domain in reader.csv("SEARCH_BLOCKED_DOMAINS")
             ),
             author_name=reader.text("BLOGPIPE_AUTHOR_NAME") or "blogpipe",
             publisher_name=reader.text("BLOGPIPE_PUBLISHER_NAME") or "blogpipe",
-            max_delivery_attempts=reader.integer("BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+            max_delivery_attempts=reader.integer(
+                "BLOGPIPE_MAX_ATTEMPTS", 5, minimum=1, maximum=100
+            ),
             stage_lease_seconds=reader.number("BLOGPIPE_STAGE_LEASE", 30.0, minimum=1.0),
             ack_deadline_seconds=reader.number("BLOGPIPE_ACK_DEADLINE", 60.0, minimum=1.0),
             min_backoff_seconds=reader.number("BLOGPIPE_MIN_BACKOFF", 1.0, minimum=0.0),
@@ -237,7 +240,12 @@ class _Reader:
         return int(self._bounded(name, value, minimum, maximum))
 
     def number(
-        self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
     ) -> float:
         raw = self.text(name)
         if raw is None:

@@ -47,12 +47,20 @@ class StageRunner:
         try:
             message = StageMessage.from_bytes(delivery.data)
         except Exception:
-            logger.error("Dropping malformed message %s on %s", delivery.message_id,
-                         delivery.subscription, extra={"action": "message_malformed"})
+            logger.error(
+                "Dropping malformed message %s on %s",
+                delivery.message_id,
+                delivery.subscription,
+                extra={"action": "message_malformed"},
+            )
             return
         if message.stage != self.stage.name:
-            logger.error("Dropping %s message delivered to the %s stage", message.stage,
-                         self.stage.name, extra={"action": "message_misrouted"})
+            logger.error(
+                "Dropping %s message delivered to the %s stage",
+                message.stage,
+                self.stage.name,
+                extra={"action": "message_misrouted"},
+            )
             return
         claim = await self.store.claim(message)
         if isinstance(claim, Skip):
@@ -61,8 +69,13 @@ class StageRunner:
                 # Another worker is running it now; look again when its lease would end.
                 raise Nack("stage run is leased by another worker", delay=claim.retry_after)
             return
-        logger.info("Stage %s started for job %s (attempt %d)", self.stage.name, claim.job_id,
-                    claim.attempt, extra=self._extra(claim, "stage_started"))
+        logger.info(
+            "Stage %s started for job %s (attempt %d)",
+            self.stage.name,
+            claim.job_id,
+            claim.attempt,
+            extra=self._extra(claim, "stage_started"),
+        )
         started = time.monotonic()
         try:
             result = await self._run(claim)
@@ -78,9 +91,16 @@ class StageRunner:
             cost=result.usage.cost,
         )
         state = await self.store.complete(claim, outcome, finalize=build_result)
-        logger.info("Stage %s %s for job %s in %.3fs", self.stage.name, state, claim.job_id,
-                    time.monotonic() - started,
-                    extra=self._extra(claim, "stage_finished" if state == "committed" else "stage_discarded"))
+        logger.info(
+            "Stage %s %s for job %s in %.3fs",
+            self.stage.name,
+            state,
+            claim.job_id,
+            time.monotonic() - started,
+            extra=self._extra(
+                claim, "stage_finished" if state == "committed" else "stage_discarded"
+            ),
+        )
 
     async def handle_dead_letter(self, delivery: Delivery) -> None:
         """A message exhausted its attempts: fail the job at this stage, or re-drive it when
@@ -88,14 +108,22 @@ class StageRunner:
         try:
             message = StageMessage.from_bytes(delivery.data)
         except Exception:
-            logger.error("Dropping malformed dead letter %s", delivery.message_id,
-                         extra={"action": "dead_letter_malformed"})
+            logger.error(
+                "Dropping malformed dead letter %s",
+                delivery.message_id,
+                extra={"action": "dead_letter_malformed"},
+            )
             return
         raw = delivery.attributes.get("x-delivery-attempts") or delivery.attributes.get(
-            "CloudPubSubDeadLetterSourceDeliveryCount")
+            "CloudPubSubDeadLetterSourceDeliveryCount"
+        )
         attempts = int(raw) if raw and str(raw).isdigit() else None
-        await self.dead_letters.handle(message, subscription=delivery.subscription,
-                                       message_id=delivery.message_id, attempts=attempts)
+        await self.dead_letters.handle(
+            message,
+            subscription=delivery.subscription,
+            message_id=delivery.message_id,
+            attempts=attempts,
+        )
 
     async def _run(self, claim: Claim) -> StageResult:
         request = BlogRequest.model_validate(claim.request)
@@ -103,10 +131,17 @@ class StageRunner:
 
         async def report(fraction: float, details: str) -> None:
             fraction = min(1.0, max(0.0, fraction))
-            await self.store.report_progress(claim, round(start + (end - start) * fraction, 1), details)
+            await self.store.report_progress(
+                claim, round(start + (end - start) * fraction, 1), details
+            )
 
-        stage_input = StageInput(request=request, outputs=claim.outputs, settings=self.settings,
-                                 job_id=claim.job_id, report=report)
+        stage_input = StageInput(
+            request=request,
+            outputs=claim.outputs,
+            settings=self.settings,
+            job_id=claim.job_id,
+            report=report,
+        )
         heartbeat = asyncio.create_task(self._heartbeat(claim))
         try:
             return await self.stage.run(stage_input, self.llm)
@@ -122,8 +157,11 @@ class StageRunner:
             try:
                 await self.store.heartbeat(claim)
             except Exception:
-                logger.warning("Could not extend lease of job %s", claim.job_id,
-                               extra=self._extra(claim, "lease_extend_failed"))
+                logger.warning(
+                    "Could not extend lease of job %s",
+                    claim.job_id,
+                    extra=self._extra(claim, "lease_extend_failed"),
+                )
 
     async def _failed(self, claim: Claim, exc: Exception, delivery: Delivery) -> None:
         retryable = _is_retryable(exc)
@@ -131,22 +169,45 @@ class StageRunner:
         usage = spent if isinstance(spent, Usage) else None
         await self.store.record_failure(claim, exc, retryable=retryable, usage=usage)
         if retryable:
-            logger.warning("Stage %s attempt %d failed for job %s: %s", self.stage.name,
-                           claim.attempt, claim.job_id, exc, extra=self._extra(claim, "stage_retry"))
+            logger.warning(
+                "Stage %s attempt %d failed for job %s: %s",
+                self.stage.name,
+                claim.attempt,
+                claim.job_id,
+                exc,
+                extra=self._extra(claim, "stage_retry"),
+            )
             raise Nack(f"{type(exc).__name__}: {exc}") from exc
         text = f"Stage {self.stage.name} failed: {exc}"
-        details = {"type": type(exc).__name__, "message": str(exc), "attempts": claim.attempt,
-                   "stage": self.stage.name}
+        details = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "attempts": claim.attempt,
+            "stage": self.stage.name,
+        }
         await self.store.fail_job(claim.job_id, claim.generation, self.stage.name, text, details)
 
     def _log_skip(self, message: StageMessage, skip: Skip) -> None:
-        logger.info("Skipping %s message for job %s: %s", message.stage, message.job_id,
-                    skip.reason, extra={"action": f"message_{skip.reason}",
-                                        "job_id": str(message.job_id), "stage": message.stage})
+        logger.info(
+            "Skipping %s message for job %s: %s",
+            message.stage,
+            message.job_id,
+            skip.reason,
+            extra={
+                "action": f"message_{skip.reason}",
+                "job_id": str(message.job_id),
+                "stage": message.stage,
+            },
+        )
 
     def _extra(self, claim: Claim, action: str) -> dict[str, Any]:
-        return {"action": action, "job_id": str(claim.job_id), "stage": self.stage.name,
-                "generation": claim.generation, "attempt": claim.attempt}
+        return {
+            "action": action,
+            "job_id": str(claim.job_id),
+            "stage": self.stage.name,
+            "generation": claim.generation,
+            "attempt": claim.attempt,
+        }
 
 
 def _is_retryable(exc: Exception) -> bool:

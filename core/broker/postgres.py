@@ -137,7 +137,9 @@ class PostgresBroker:
         # Leases, acks and nacks do not wait for the WAL flush: one lost in a crash only
         # means a redelivery, which the stage runner drops as a duplicate.
         self._consumer_engine = create_async_engine(
-            engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+            engine.url,
+            poolclass=NullPool,
+            isolation_level="AUTOCOMMIT",
             connect_args={"server_settings": {"synchronous_commit": "off"}},
         )
         self._listen_url = listen_url or plain_url(engine.url.render_as_string(hide_password=False))

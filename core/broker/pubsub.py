@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from google.api_core.exceptions import AlreadyExists, GoogleAPIError
 from google.auth.exceptions import GoogleAuthError
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 from google.cloud.pubsub_v1.subscriber.message import Message as PubSubMessage
 from google.pubsub_v1 import types as pubsub_types
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport

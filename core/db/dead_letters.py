@@ -17,6 +17,7 @@ Every dead letter is recorded in ``dead_letters`` for ``blogpipe dlq list|replay
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -149,7 +150,7 @@ class DeadLetterStore:
         return outcome
 
     def _failure(
-        self, message: StageMessage, runs: list[Any], attempts: int | None, redrives: int
+        self, message: StageMessage, runs: Sequence[Any], attempts: int | None, redrives: int
     ) -> tuple[str, dict[str, Any]]:
         last = runs[-1] if runs else None
         error = (last.error if last is not None else None) or "delivery attempts exhausted"
@@ -161,7 +162,7 @@ class DeadLetterStore:
         details = {"type": error_type, "message": error, "attempts": tried, "stage": message.stage}
         return text_, details
 
-    async def list(self, *, limit: int = 50, include_replayed: bool = False) -> list[DeadLetter]:
+    async def recent(self, *, limit: int = 50, include_replayed: bool = False) -> list[DeadLetter]:
         """Unreplayed dead letters that failed their job, newest first (or every one)."""
         where = "true" if include_replayed else "outcome = 'failed' AND replayed_at IS NULL"
         async with self.engine.connect() as conn:
@@ -186,7 +187,7 @@ class DeadLetterStore:
         """Replay the jobs of the given dead letters (all unreplayed failures when None)."""
         letters = [
             letter
-            for letter in await self.list(limit=1000, include_replayed=ids is not None)
+            for letter in await self.recent(limit=1000, include_replayed=ids is not None)
             if ids is None or letter.id in ids
         ]
         done: list[ReplayResult] = []
@@ -206,7 +207,8 @@ class DeadLetterStore:
                     text("UPDATE dead_letters SET replayed_at = now() WHERE id = :id"),
                     {"id": letter.id},
                 )
-        for missing in sorted(set(ids or []) - {letter.id for letter in letters}):
+        known = {letter.id for letter in letters}
+        for missing in sorted(set(ids or ()) - known):
             skipped[missing] = f"Dead letter {missing} not found"
         return done, skipped
 

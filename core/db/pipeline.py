@@ -123,7 +123,11 @@ class PipelineStore:
             if row is None:
                 return "missing"
             if row.status not in ("queued", "pending"):
-                return "finished" if row.status in ("completed", "failed", "cancelled") else "already_started"
+                return (
+                    "finished"
+                    if row.status in ("completed", "failed", "cancelled")
+                    else "already_started"
+                )
             await conn.execute(
                 text(
                     "UPDATE jobs SET status = 'processing', started_at = now(), updated_at = now(),"
@@ -132,9 +136,13 @@ class PipelineStore:
                 {"id": job_id, "stage": STAGES[0]},
             )
             first = StageMessage(job_id, STAGES[0], row.generation)
-            outbox_id = await self.dispatcher.stage(conn, stage_topic(STAGES[0]), first.to_message())
+            outbox_id = await self.dispatcher.stage(
+                conn, stage_topic(STAGES[0]), first.to_message()
+            )
         await self.dispatcher.flush([outbox_id])
-        logger.info("Job %s started", job_id, extra={"action": "job_started", "job_id": str(job_id)})
+        logger.info(
+            "Job %s started", job_id, extra={"action": "job_started", "job_id": str(job_id)}
+        )
         return "started"
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
@@ -160,7 +168,11 @@ class PipelineStore:
                         " WHERE job_id = :id AND stage = :stage AND generation = :generation"
                         " ORDER BY attempt"
                     ),
-                    {"id": message.job_id, "stage": message.stage, "generation": message.generation},
+                    {
+                        "id": message.job_id,
+                        "stage": message.stage,
+                        "generation": message.generation,
+                    },
                 )
             ).all()
             if any(run.status == "succeeded" for run in runs):
@@ -196,9 +208,18 @@ class PipelineStore:
                 )
             ).scalar_one()
             start = STAGE_PROGRESS[message.stage][0]
-            await self._progress(conn, message.job_id, message.generation, message.stage, start,
-                                 "started", f"Stage {message.stage} started (attempt {attempt})")
-            outputs = await self._outputs(conn, message.job_id, STAGES[: STAGES.index(message.stage)])
+            await self._progress(
+                conn,
+                message.job_id,
+                message.generation,
+                message.stage,
+                start,
+                "started",
+                f"Stage {message.stage} started (attempt {attempt})",
+            )
+            outputs = await self._outputs(
+                conn, message.job_id, STAGES[: STAGES.index(message.stage)]
+            )
         return Claim(
             job_id=message.job_id,
             stage=message.stage,
@@ -229,8 +250,15 @@ class PipelineStore:
                 )
             ).first()
             if locked:
-                await self._progress(conn, claim.job_id, claim.generation, claim.stage,
-                                     percentage, "in_progress", details)
+                await self._progress(
+                    conn,
+                    claim.job_id,
+                    claim.generation,
+                    claim.stage,
+                    percentage,
+                    "in_progress",
+                    details,
+                )
 
     async def heartbeat(self, claim: Claim) -> None:
         """Extend the run's lease while the stage is still working."""
@@ -250,7 +278,9 @@ class PipelineStore:
         async with self._transaction() as conn:
             job = (
                 await conn.execute(
-                    text("SELECT status, generation, started_at FROM jobs WHERE id = :id FOR UPDATE"),
+                    text(
+                        "SELECT status, generation, started_at FROM jobs WHERE id = :id FOR UPDATE"
+                    ),
                     {"id": claim.job_id},
                 )
             ).first()
@@ -281,8 +311,15 @@ class PipelineStore:
                 },
             )
             end = STAGE_PROGRESS[claim.stage][1]
-            await self._progress(conn, claim.job_id, claim.generation, claim.stage, end,
-                                 "completed", f"Stage {claim.stage} completed")
+            await self._progress(
+                conn,
+                claim.job_id,
+                claim.generation,
+                claim.stage,
+                end,
+                "completed",
+                f"Stage {claim.stage} completed",
+            )
             following = next_stage(claim.stage)
             if following is not None:
                 message = StageMessage(claim.job_id, following, claim.generation).to_message()
@@ -335,7 +372,11 @@ class PipelineStore:
                         " WHERE job_id = :id AND stage = :stage AND generation = :generation"
                         " ORDER BY attempt DESC LIMIT 1"
                     ),
-                    {"id": message.job_id, "stage": message.stage, "generation": message.generation},
+                    {
+                        "id": message.job_id,
+                        "stage": message.stage,
+                        "generation": message.generation,
+                    },
                 )
             ).first()
         return dict(row._mapping) if row else {}
@@ -364,12 +405,20 @@ class PipelineStore:
             await self._event(conn, job_id, generation, stage, None, "failed", message)
             outbox_id = await self._emit(conn, "job.failed", job_id, generation)
         await self.dispatcher.flush([outbox_id])
-        logger.warning("Job %s failed at %s: %s", job_id, stage, message,
-                       extra={"action": "job_failed", "job_id": str(job_id), "stage": stage})
+        logger.warning(
+            "Job %s failed at %s: %s",
+            job_id,
+            stage,
+            message,
+            extra={"action": "job_failed", "job_id": str(job_id), "stage": stage},
+        )
         return True
 
     async def _finish(
-        self, conn: AsyncConnection, claim: Claim, started_at: datetime | None,
+        self,
+        conn: AsyncConnection,
+        claim: Claim,
+        started_at: datetime | None,
         finalize: Finalizer | None,
     ) -> int | None:
         outputs = await self._outputs(conn, claim.job_id, STAGES)
@@ -385,8 +434,12 @@ class PipelineStore:
         ).all()
         by_stage = {row.stage: row for row in usage}
         stage_results = [
-            {"stage": s, "provider": by_stage[s].provider, "tokens": by_stage[s].tokens,
-             "cost": by_stage[s].cost}
+            {
+                "stage": s,
+                "provider": by_stage[s].provider,
+                "tokens": by_stage[s].tokens,
+                "cost": by_stage[s].cost,
+            }
             for s in STAGES
             if s in by_stage
         ]
@@ -400,13 +453,25 @@ class PipelineStore:
             ),
             {"id": claim.job_id, "result": _json(result)},
         )
-        await self._event(conn, claim.job_id, claim.generation, "completed", 100.0, "completed",
-                          "Blog generation completed")
-        logger.info("Job %s completed", claim.job_id,
-                    extra={"action": "job_completed", "job_id": str(claim.job_id)})
+        await self._event(
+            conn,
+            claim.job_id,
+            claim.generation,
+            "completed",
+            100.0,
+            "completed",
+            "Blog generation completed",
+        )
+        logger.info(
+            "Job %s completed",
+            claim.job_id,
+            extra={"action": "job_completed", "job_id": str(claim.job_id)},
+        )
         return await self._emit(conn, "job.completed", claim.job_id, claim.generation)
 
-    async def _emit(self, conn: AsyncConnection, kind: str, job_id: UUID, generation: int) -> int | None:
+    async def _emit(
+        self, conn: AsyncConnection, kind: str, job_id: UUID, generation: int
+    ) -> int | None:
         event = JobEvent(str(uuid.uuid4()), kind, job_id, generation, datetime.now(UTC))
         return await self.dispatcher.stage(conn, EVENTS_TOPIC, event.to_message())
 
@@ -428,8 +493,14 @@ class PipelineStore:
         return {row.stage: dict(row.output) for row in rows}
 
     async def _progress(
-        self, conn: AsyncConnection, job_id: UUID, generation: int, stage: str,
-        percentage: float, status: str, details: str,
+        self,
+        conn: AsyncConnection,
+        job_id: UUID,
+        generation: int,
+        stage: str,
+        percentage: float,
+        status: str,
+        details: str,
     ) -> None:
         await conn.execute(
             text(
@@ -441,8 +512,14 @@ class PipelineStore:
         await self._event(conn, job_id, generation, stage, percentage, status, details)
 
     async def _event(
-        self, conn: AsyncConnection, job_id: UUID, generation: int, stage: str,
-        percentage: float | None, status: str, details: str,
+        self,
+        conn: AsyncConnection,
+        job_id: UUID,
+        generation: int,
+        stage: str,
+        percentage: float | None,
+        status: str,
+        details: str,
     ) -> None:
         await conn.execute(
             text(

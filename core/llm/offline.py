@@ -41,10 +41,13 @@ class OfflineLLM:
             for chunk in _chunks(output, 4):
                 await on_text(chunk)
         words = max(1, len(text.split()))
-        usage = Usage(prompt_tokens=len(request.system.split()) + len(request.user.split()),
-                      completion_tokens=words)
-        return LLMResponse(output=output, usage=usage, provider="offline", model="offline",
-                           finish_reason="stop")
+        usage = Usage(
+            prompt_tokens=len(request.system.split()) + len(request.user.split()),
+            completion_tokens=words,
+        )
+        return LLMResponse(
+            output=output, usage=usage, provider="offline", model="offline", finish_reason="stop"
+        )
 
     async def close(self) -> None:
         return None

@@ -49,8 +49,10 @@ async def test_jobs_flow_through_cloud_tasks_and_pubsub(
     async with httpx.AsyncClient(timeout=10) as client:
         job_ids = await asyncio.wait_for(
             asyncio.gather(
-                *(submit(client, pipeline.url, webhook_receiver.url, topic=f"Gift ideas {n}")
-                  for n in range(JOBS))
+                *(
+                    submit(client, pipeline.url, webhook_receiver.url, topic=f"Gift ideas {n}")
+                    for n in range(JOBS)
+                )
             ),
             timeout=60,
         )
@@ -74,16 +76,20 @@ async def test_jobs_flow_through_cloud_tasks_and_pubsub(
 
     await wait_for(all_webhooks, timeout=60, message="one webhook per job")
     verifier = Webhook(WEBHOOK_SECRET)
-    delivered = [verifier.verify(r.body, r.headers)["data"]["job_id"] for r in webhook_receiver.requests]
+    delivered = [
+        verifier.verify(r.body, r.headers)["data"]["job_id"] for r in webhook_receiver.requests
+    ]
     assert sorted(delivered) == sorted(job_ids)
 
     runtime = pipeline.runtime
     assert runtime is not None
     async with runtime.engine.connect() as conn:
-        started = (await conn.execute(text(
-            "SELECT count(*) FROM jobs WHERE started_at IS NOT NULL"))).scalar_one()
-        outputs = (await conn.execute(text(
-            "SELECT count(*) FROM stage_runs WHERE status = 'succeeded'"))).scalar_one()
+        started = (
+            await conn.execute(text("SELECT count(*) FROM jobs WHERE started_at IS NOT NULL"))
+        ).scalar_one()
+        outputs = (
+            await conn.execute(text("SELECT count(*) FROM stage_runs WHERE status = 'succeeded'"))
+        ).scalar_one()
         left = (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one()
     assert started == JOBS
     assert outputs == JOBS * 4

@@ -28,14 +28,20 @@ async def statuses(client: httpx.AsyncClient, url: str, job_ids: list[str]) -> l
 async def test_jobs_survive_a_killed_process(
     database_url: str, tmp_path: Path, webhook_receiver: WebhookReceiver
 ) -> None:
-    env = pipeline_env(database_url, BLOGPIPE_OFFLINE_LLM_DELAY="0.3", BLOGPIPE_STAGE_LEASE="3",
-                       BLOGPIPE_ACK_DEADLINE="4")
+    env = pipeline_env(
+        database_url,
+        BLOGPIPE_OFFLINE_LLM_DELAY="0.3",
+        BLOGPIPE_STAGE_LEASE="3",
+        BLOGPIPE_ACK_DEADLINE="4",
+    )
     first = PipelineProcess(env, tmp_path / "first.log")
     await first.start()
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            job_ids = [await submit(client, first.url, webhook_receiver.url, topic=f"Topic {n}")
-                       for n in range(JOBS)]
+            job_ids = [
+                await submit(client, first.url, webhook_receiver.url, topic=f"Topic {n}")
+                for n in range(JOBS)
+            ]
 
             async def some_midway() -> bool:
                 bodies = await statuses(client, first.url, job_ids)
@@ -49,15 +55,23 @@ async def test_jobs_survive_a_killed_process(
             second = PipelineProcess(env, tmp_path / "second.log")
             await second.start()
             try:
+
                 async def all_completed() -> bool:
                     bodies = await statuses(client, second.url, job_ids)
                     assert all(body["status"] != "failed" for body in bodies), bodies
                     return all(body["status"] == "completed" for body in bodies)
 
-                await wait_for(all_completed, timeout=120, interval=0.3,
-                               message="every job completed after the restart")
-                await wait_for(lambda: _delivered(database_url, JOBS), timeout=60,
-                               message="every completion webhook delivered")
+                await wait_for(
+                    all_completed,
+                    timeout=120,
+                    interval=0.3,
+                    message="every job completed after the restart",
+                )
+                await wait_for(
+                    lambda: _delivered(database_url, JOBS),
+                    timeout=60,
+                    message="every completion webhook delivered",
+                )
             finally:
                 second.stop()
     finally:

@@ -50,8 +50,15 @@ async def client(engine: AsyncEngine, queue: RecordingQueue) -> AsyncIterator[ht
     async def inline(request: BlogRequest) -> dict[str, Any]:
         return {"title": request.topic, "success": True}
 
-    deps = ApiDeps(settings=settings, engine=engine, jobs=JobRepository(engine), store=store,
-                   task_queue=queue, worker_auth=worker_authorizer(settings), run_inline=inline)
+    deps = ApiDeps(
+        settings=settings,
+        engine=engine,
+        jobs=JobRepository(engine),
+        store=store,
+        task_queue=queue,
+        worker_auth=worker_authorizer(settings),
+        run_inline=inline,
+    )
     transport = httpx.ASGITransport(app=create_app(deps))
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as c:
         yield c
@@ -62,8 +69,9 @@ async def job_count(engine: AsyncEngine) -> int:
         return int((await conn.execute(text("SELECT count(*) FROM jobs"))).scalar_one())
 
 
-async def test_async_submit_returns_contract_fields(client: httpx.AsyncClient,
-                                                    queue: RecordingQueue) -> None:
+async def test_async_submit_returns_contract_fields(
+    client: httpx.AsyncClient, queue: RecordingQueue
+) -> None:
     response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=VALID)
     assert response.status_code == 202
     body = response.json()
@@ -82,18 +90,26 @@ async def test_async_submit_returns_contract_fields(client: httpx.AsyncClient,
     assert [stage["stage"] for stage in status["stages"]] == ["research", "outline", "draft", "seo"]
 
 
-async def test_sync_mode_returns_result_object(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+async def test_sync_mode_returns_result_object(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
     response = await client.post("/api/v1/blog/generate-enhanced", json=VALID)
     assert response.status_code == 200
     assert response.json() == {"title": VALID["topic"], "success": True}
     assert await job_count(engine) == 0
 
 
-async def test_request_defaults_are_the_seeds(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+async def test_request_defaults_are_the_seeds(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
     response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=VALID)
     async with engine.connect() as conn:
-        stored = (await conn.execute(text("SELECT request FROM jobs WHERE id = :id"),
-                                     {"id": UUID(response.json()["job_id"])})).scalar_one()
+        stored = (
+            await conn.execute(
+                text("SELECT request FROM jobs WHERE id = :id"),
+                {"id": UUID(response.json()["job_id"])},
+            )
+        ).scalar_one()
     assert stored["tone"] == "professional" and stored["length"] == "medium"
     assert stored["use_google_search"] is True and stored["use_consensus_generation"] is False
     assert stored["include_prices"] is False and stored["include_faq_section"] is True
@@ -111,15 +127,21 @@ async def test_request_defaults_are_the_seeds(client: httpx.AsyncClient, engine:
         ({"topic": "A fine topic", "keywords": ["x"], "tone": "sarcastic"}, "tone"),
         ({"topic": "A fine topic", "keywords": ["x"], "length": "huge"}, "length"),
         ({"topic": "A fine topic", "keywords": ["x"] * 21}, "keywords"),
-        ({"topic": "A fine topic", "keywords": ["x"], "custom_instructions": "y" * 2001},
-         "custom_instructions"),
+        (
+            {"topic": "A fine topic", "keywords": ["x"], "custom_instructions": "y" * 2001},
+            "custom_instructions",
+        ),
         ({"topic": "A fine topic", "keywords": ["x"], "callback_url": "ftp://x"}, "callback_url"),
         ({"topic": "A fine topic", "keywords": ["x"], "research_depth": "deep"}, "research_depth"),
     ],
 )
-async def test_invalid_requests_name_the_field(client: httpx.AsyncClient, engine: AsyncEngine,
-                                               queue: RecordingQueue, body: dict[str, Any],
-                                               field: str) -> None:
+async def test_invalid_requests_name_the_field(
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    queue: RecordingQueue,
+    body: dict[str, Any],
+    field: str,
+) -> None:
     for mode in ("true", "false"):
         response = await client.post(f"/api/v1/blog/generate-enhanced?async_mode={mode}", json=body)
         assert response.status_code == 422, response.text
@@ -131,16 +153,22 @@ async def test_invalid_requests_name_the_field(client: httpx.AsyncClient, engine
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
-    response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true",
-                                 content=b'{"topic": "abc", ', headers={"content-type": "application/json"})
+    response = await client.post(
+        "/api/v1/blog/generate-enhanced?async_mode=true",
+        content=b'{"topic": "abc", ',
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["detail"]
     assert await job_count(engine) == 0
 
 
 async def test_non_json_body_is_415(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
-    response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true",
-                                 content=b"topic=abc", headers={"content-type": "text/plain"})
+    response = await client.post(
+        "/api/v1/blog/generate-enhanced?async_mode=true",
+        content=b"topic=abc",
+        headers={"content-type": "text/plain"},
+    )
     assert response.status_code == 415
     assert "application/json" in response.json()["detail"]
     assert await job_count(engine) == 0
@@ -171,15 +199,17 @@ async def test_unknown_job_is_404_with_seed_text(client: httpx.AsyncClient, job_
     assert response.json() == {"detail": f"Job {job_id} not found"}
 
 
-async def test_worker_rejects_missing_and_wrong_credentials(client: httpx.AsyncClient,
-                                                            engine: AsyncEngine) -> None:
+async def test_worker_rejects_missing_and_wrong_credentials(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
     created = await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=VALID)
     job_id = created.json()["job_id"]
     missing = await client.post("/api/v1/blog/worker", json={"job_id": job_id})
     assert missing.status_code == 401
     assert "error" in missing.json()
-    wrong = await client.post("/api/v1/blog/worker", json={"job_id": job_id},
-                              headers={"X-Worker-Secret": "nope"})
+    wrong = await client.post(
+        "/api/v1/blog/worker", json={"job_id": job_id}, headers={"X-Worker-Secret": "nope"}
+    )
     assert wrong.status_code == 403
     status = (await client.get(f"/api/v1/blog/jobs/{job_id}")).json()
     assert status["status"] == "queued"
@@ -212,8 +242,11 @@ async def test_job_list_paginates_with_a_cursor(client: httpx.AsyncClient) -> No
     ids = []
     for index in range(5):
         body = {**VALID, "topic": f"Topic number {index}"}
-        ids.append((await client.post("/api/v1/blog/generate-enhanced?async_mode=true",
-                                      json=body)).json()["job_id"])
+        ids.append(
+            (await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=body)).json()[
+                "job_id"
+            ]
+        )
     seen: list[str] = []
     cursor = None
     while True:

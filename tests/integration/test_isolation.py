@@ -212,7 +212,9 @@ async def test_replay_and_cancel_are_audited(
     async with client_for(app, acme.key) as client:
         cancelled = await call(client, "POST", f"/api/v1/blog/jobs/{acme.job_id}/cancel")
         replayed = await call(
-            client, "POST", f"/api/v1/blog/jobs/{acme.job_id}/replay",
+            client,
+            "POST",
+            f"/api/v1/blog/jobs/{acme.job_id}/replay",
             json={"from_stage": "research", "reason": "audit test"},
         )
     assert cancelled.status_code == 200, cancelled.text

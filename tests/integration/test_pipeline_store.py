@@ -28,7 +28,8 @@ async def test_a_failed_attempt_keeps_the_tokens_it_spent(engine: AsyncEngine) -
         row = (
             await conn.execute(
                 text(
-                    "SELECT status, error_type, prompt_tokens, completion_tokens, cost FROM stage_runs"
+                    "SELECT status, error_type, prompt_tokens, completion_tokens, cost"
+                    " FROM stage_runs"
                 )
             )
         ).one()

@@ -49,7 +49,9 @@ class DatabaseFactory:
             await conn.execute(f'CREATE DATABASE "{self.template}"')
         finally:
             await conn.close()
-        engine = create_engine(asyncpg_url(with_database(self.server_url, self.template)), pool_size=1)
+        engine = create_engine(
+            asyncpg_url(with_database(self.server_url, self.template)), pool_size=1
+        )
         try:
             await upgrade(engine)
         finally:

@@ -68,9 +68,13 @@ class PipelineProcess:
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "blogpipe", "dev"], cwd=REPO, env=self.env,
-                stdout=log, stderr=log, start_new_session=True,
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; no waiting
+                [sys.executable, "-m", "blogpipe", "dev"],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
 
         async def ready() -> bool:
@@ -100,8 +104,9 @@ class PipelineProcess:
                 self.process.wait(timeout=10)
 
 
-async def submit(client: httpx.AsyncClient, base: str, callback_url: str | None = None,
-                 **fields: Any) -> str:
+async def submit(
+    client: httpx.AsyncClient, base: str, callback_url: str | None = None, **fields: Any
+) -> str:
     body: dict[str, Any] = {"topic": "Best presents for teenagers", "keywords": ["gifts for teens"]}
     body.update(fields)
     if callback_url:

@@ -22,7 +22,11 @@ def test_defaults_pick_the_embedded_choices() -> None:
 
 def test_google_settings_select_the_google_adapters() -> None:
     settings = Settings.from_env({"GOOGLE_CLOUD_PROJECT": "acme", "OPENAI_API_KEY": "sk-x"})
-    assert (settings.broker, settings.task_queue, settings.llm) == ("pubsub", "cloudtasks", "openai")
+    assert (settings.broker, settings.task_queue, settings.llm) == (
+        "pubsub",
+        "cloudtasks",
+        "openai",
+    )
     explicit = Settings.from_env({"GOOGLE_CLOUD_PROJECT": "acme", "BLOGPIPE_BROKER": "postgres"})
     assert explicit.broker == "postgres"
 
