@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.emulators import missing_emulator
+from tests.support.net import free_port
 from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,13 +50,6 @@ def emulator_executable() -> Path | None:
     configured = os.environ.get("BLOGPIPE_TASKS_EMULATOR")
     path = Path(configured) if configured else DEFAULT_EXECUTABLE
     return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _accepts_connections(port: int, process: subprocess.Popen[bytes]) -> bool:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -31,11 +30,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.support.server import LoopbackServer
 
 FaultKind = Literal[
     "rate_limit",
@@ -164,8 +164,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self._closing = asyncio.Event()
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._http: LoopbackServer | None = None
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._handle, methods=["POST"])])
 
     @property
@@ -314,38 +313,18 @@ class FakeOpenAI:
 
     async def start(self) -> None:
         """Listen on a free loopback port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            access_log=False,
-        )
         self._closing = asyncio.Event()
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            if time.monotonic() > deadline:
-                raise TimeoutError("fake OpenAI server did not start")
-            await asyncio.sleep(0.01)
+        if self._http is None:
+            self._http = LoopbackServer(
+                self.app, name="fake OpenAI server", host=self.host, port=self.port
+            )
+        self.port = await self._http.start()
 
     async def stop(self) -> None:
-        """Release slow answers and stop the server."""
+        """Stop the server (releasing slow answers first)."""
         self._closing.set()
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout=10)
-        self._server = None
-        self._task = None
+        if self._http is not None:
+            await self._http.stop()
 
 
 class StreamDropped(Exception):

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.support.server import LoopbackServer
 
 
 def item(url: str, title: str, snippet: str) -> dict[str, str]:
@@ -61,8 +60,7 @@ class FakeSearch:
         self.params: list[dict[str, str]] = []
         self.faults: list[SearchFault] = []
         self._closing = asyncio.Event()
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._http: LoopbackServer | None = None
         self.app = Starlette(routes=[Route("/customsearch/v1", self._handle, methods=["GET"])])
 
     @property
@@ -104,37 +102,19 @@ class FakeSearch:
         return JSONResponse(body)
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            access_log=False,
-        )
+        """Listen on a free loopback port."""
         self._closing = asyncio.Event()
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            if time.monotonic() > deadline:
-                raise TimeoutError("fake search server did not start")
-            await asyncio.sleep(0.01)
+        if self._http is None:
+            self._http = LoopbackServer(
+                self.app, name="fake search server", host=self.host, port=self.port
+            )
+        self.port = await self._http.start()
 
     async def stop(self) -> None:
+        """Stop the server (releasing slow answers first)."""
         self._closing.set()
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout=10)
-        self._server = None
-        self._task = None
+        if self._http is not None:
+            await self._http.stop()
 
 
 @contextlib.asynccontextmanager

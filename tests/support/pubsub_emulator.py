@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.emulators import missing_emulator
+from tests.support.net import free_port
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -39,13 +39,6 @@ class PubSubEmulator:
     def project(self, prefix: str = "bp-test") -> str:
         """A project id no other test uses, so topics and subscriptions never collide."""
         return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _sdk_roots() -> Iterator[Path]:

@@ -13,8 +13,6 @@ reopen the listening socket on the same port, for "connection refused".
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -22,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from tests.support.server import LoopbackServer
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,7 @@ class WebhookReceiver:
         self.requests: list[ReceivedRequest] = []
         self.default = Reply()
         self._script: deque[Reply] = deque()
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._http: LoopbackServer | None = None
         self.app = Starlette(
             routes=[Route("/{path:path}", self._handle, methods=["POST", "GET", "PUT"])]
         )
@@ -108,36 +106,16 @@ class WebhookReceiver:
 
     async def start(self) -> None:
         """Listen (again) on the same port; the first call picks a free one."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            if time.monotonic() > deadline:
-                raise TimeoutError("webhook receiver did not start")
-            await asyncio.sleep(0.01)
+        if self._http is None:
+            self._http = LoopbackServer(
+                self.app, name="webhook receiver", host=self.host, port=self.port
+            )
+        self.port = await self._http.start()
 
     async def stop(self) -> None:
-        """Stop listening; connections are refused until ``start()``."""
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout=10)
-        self._server = None
-        self._task = None
+        """Stop the server."""
+        if self._http is not None:
+            await self._http.stop()
 
 
 @pytest.fixture(name="webhook_receiver")
