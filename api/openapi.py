@@ -156,8 +156,10 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
         },
     }
     from api.operations import openapi_paths
+    from api.webhooks import openapi_paths as webhook_paths
 
     paths.update(openapi_paths())
+    paths.update(webhook_paths())
     paths.update(extra_paths or {})
     return secure(
         {

@@ -208,3 +208,73 @@ def _bool(value: Any, name: str) -> bool:
     if text in ("false", "0", "no", "off", ""):
         return False
     raise _Invalid(f"{name} must be a boolean")
+
+
+def openapi_paths() -> dict[str, Any]:
+    """OpenAPI entries for the webhook routes."""
+
+    def answer(text: str) -> dict[str, Any]:
+        return {
+            "description": text,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+
+    def body(properties: dict[str, Any]) -> dict[str, Any]:
+        schema = {"type": "object", "properties": properties}
+        return {"required": False, "content": {"application/json": {"schema": schema}}}
+
+    def path_id(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+    invalid = answer("Invalid request; the message names the field")
+    return {
+        "/api/v1/blog/jobs/{job_id}/deliveries": {
+            "get": {
+                "summary": "A job's webhook deliveries with every attempt",
+                "parameters": [path_id("job_id")],
+                "responses": {"200": answer("Deliveries"), "404": answer("Job not found")},
+            }
+        },
+        "/api/v1/webhooks/deliveries/{delivery_id}/redeliver": {
+            "post": {
+                "summary": "Send a delivery once more, now",
+                "parameters": [path_id("delivery_id")],
+                "responses": {
+                    "202": answer("Queued"),
+                    "404": answer("Delivery not found"),
+                    "409": answer("An attempt is in flight"),
+                },
+            }
+        },
+        "/api/v1/webhooks/deliveries/recover": {
+            "post": {
+                "summary": "Re-queue failed deliveries since a time (dry_run previews; capped)",
+                "requestBody": body(
+                    {
+                        "since": {"type": "string", "description": "6h, 2d or ISO 8601"},
+                        "cap": {"type": "integer", "minimum": 1, "maximum": MAX_RECOVER_CAP},
+                        "dry_run": {"type": "boolean"},
+                    }
+                ),
+                "responses": {
+                    "200": answer("Dry run: the count"),
+                    "202": answer("Re-queued"),
+                    "422": invalid,
+                },
+            }
+        },
+        "/api/v1/webhooks/ping": {
+            "post": {
+                "summary": "Send a signed ping event to a URL (through the SSRF guard)",
+                "requestBody": body({"url": {"type": "string", "format": "uri"}}),
+                "responses": {"200": answer("What the URL answered"), "422": invalid},
+            }
+        },
+        "/api/v1/webhooks/endpoints/enable": {
+            "post": {
+                "summary": "Re-enable a disabled endpoint and resume its held deliveries",
+                "requestBody": body({"url": {"type": "string"}, "recover": {"type": "boolean"}}),
+                "responses": {"200": answer("Enabled"), "422": invalid},
+            }
+        },
+    }

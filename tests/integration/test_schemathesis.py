@@ -47,7 +47,11 @@ CHECKS = [
 ]
 
 config = schemathesis.config.SchemathesisConfig.from_dict({"generation": {"mode": MODES}})
-schema = schemathesis.openapi.from_dict(openapi_document(), config=config)
+# Ping is left out: it connects to the URL it is given, and generated URLs may name hosts
+# beyond this machine. tests/integration/test_notifier_operations.py covers it.
+schema = schemathesis.openapi.from_dict(openapi_document(), config=config).exclude(
+    path="/api/v1/webhooks/ping"
+)
 
 
 @dataclass
