@@ -68,20 +68,26 @@ class DatabaseFactory:
         return with_database(self.server_url, name)
 
     async def drop(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1].split("?", 1)[0]
-        conn = await self._admin()
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await self._drop(url.rsplit("/", 1)[1].split("?", 1)[0])
 
     async def drop_all(self) -> None:
-        conn = await self._admin()
-        try:
-            for name in [*self.created, self.template]:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        for name in [*self.created, self.template]:
+            await self._drop(name)
+
+    async def _drop(self, name: str, attempts: int = 3) -> None:
+        # Fault tests terminate backends; an admin connection caught in that is retried
+        # with a new one rather than failing the session's teardown.
+        for attempt in range(1, attempts + 1):
+            try:
+                conn = await self._admin()
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                finally:
+                    await conn.close()
+                return
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                if attempt == attempts:
+                    raise
 
 
 async def fresh_database(factory: DatabaseFactory) -> AsyncIterator[str]:
