@@ -114,12 +114,7 @@ class PipelineStore:
         ``finished`` or ``missing``; only ``started`` publishes anything.
         """
         async with self._transaction() as conn:
-            row = (
-                await conn.execute(
-                    text("SELECT status, generation FROM jobs WHERE id = :id FOR UPDATE"),
-                    {"id": job_id},
-                )
-            ).first()
+            row = await self._lock_job(conn, job_id)
             if row is None:
                 return "missing"
             if row.status not in ("queued", "pending"):
@@ -148,12 +143,7 @@ class PipelineStore:
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
         async with self._transaction() as conn:
-            job = (
-                await conn.execute(
-                    text("SELECT status, generation, request FROM jobs WHERE id = :id FOR UPDATE"),
-                    {"id": message.job_id},
-                )
-            ).first()
+            job = await self._lock_job(conn, message.job_id)
             if job is None:
                 return Skip("missing")
             if job.generation != message.generation:
@@ -276,14 +266,7 @@ class PipelineStore:
     ) -> str:
         """Commit a stage's output and hand off; ``committed`` or ``discarded`` (stale)."""
         async with self._transaction() as conn:
-            job = (
-                await conn.execute(
-                    text(
-                        "SELECT status, generation, started_at FROM jobs WHERE id = :id FOR UPDATE"
-                    ),
-                    {"id": claim.job_id},
-                )
-            ).first()
+            job = await self._lock_job(conn, claim.job_id)
             if job is None or job.generation != claim.generation or job.status != "processing":
                 await conn.execute(
                     text(
@@ -386,12 +369,7 @@ class PipelineStore:
     ) -> bool:
         """Mark the job failed at ``stage`` and emit ``job.failed``; False if stale or finished."""
         async with self._transaction() as conn:
-            job = (
-                await conn.execute(
-                    text("SELECT status, generation FROM jobs WHERE id = :id FOR UPDATE"),
-                    {"id": job_id},
-                )
-            ).first()
+            job = await self._lock_job(conn, job_id)
             if job is None or job.generation != generation or job.status != "processing":
                 return False
             await conn.execute(
@@ -468,6 +446,22 @@ class PipelineStore:
             extra={"action": "job_completed", "job_id": str(claim.job_id)},
         )
         return await self._emit(conn, "job.completed", claim.job_id, claim.generation)
+
+    async def _lock_job(self, conn: AsyncConnection, job_id: UUID) -> Any:
+        """The job's row, locked until this transaction ends (None if it is gone).
+
+        Every transition takes this lock first, so transitions of one job are serialised
+        and each sees the generation the last one left.
+        """
+        return (
+            await conn.execute(
+                text(
+                    "SELECT status, generation, request, started_at FROM jobs"
+                    " WHERE id = :id FOR UPDATE"
+                ),
+                {"id": job_id},
+            )
+        ).first()
 
     async def _emit(
         self, conn: AsyncConnection, kind: str, job_id: UUID, generation: int
