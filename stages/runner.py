@@ -31,6 +31,9 @@ from stages.result import build_result
 
 logger = logging.getLogger("blogpipe.stages")
 
+PROGRESS_INTERVAL = 1.0
+"""Seconds between in-stage progress writes (the draft reports as text streams in)."""
+
 
 class StageRunner:
     """Runs one stage for every message on its subscription."""
@@ -129,7 +132,16 @@ class StageRunner:
         request = BlogRequest.model_validate(claim.request)
         start, end = STAGE_PROGRESS[self.stage.name]
 
+        last_report = time.monotonic()
+
         async def report(fraction: float, details: str) -> None:
+            # Pollers look every few seconds: progress within a stage is written at most
+            # once per PROGRESS_INTERVAL, so a fast stage costs no extra transactions.
+            nonlocal last_report
+            now = time.monotonic()
+            if now - last_report < PROGRESS_INTERVAL:
+                return
+            last_report = now
             fraction = min(1.0, max(0.0, fraction))
             await self.store.report_progress(
                 claim, round(start + (end - start) * fraction, 1), details
