@@ -53,6 +53,7 @@ def build_broker(settings: Settings, engine: AsyncEngine) -> Broker:
             settings.google_cloud_project,
             emulator_host=settings.pubsub_emulator_host,
             max_in_flight_default=settings.pubsub_max_messages,
+            lease_extension_seconds=settings.ack_deadline_seconds,
         )
     from core.broker.postgres import PostgresBroker
 

@@ -67,8 +67,12 @@ class PubSubBroker:
         shutdown_timeout: float = 10.0,
         push_service_account: str | None = None,
         push_audience: str | None = None,
+        lease_extension_seconds: float | None = None,
     ) -> None:
         self.project_id = project_id
+        # How far each lease extension (and the stream's ack deadline) reaches; the client
+        # default is 60 s. It bounds how long a message held by a dead subscriber is away.
+        self.lease_extension_seconds = lease_extension_seconds
         self.emulator_host = emulator_host
         self.max_in_flight_default = max_in_flight_default
         self.max_lease_seconds = max_lease_seconds
@@ -253,8 +257,11 @@ class PubSubBroker:
         short_name = subscription.rsplit("/", 1)[-1]
         consumer = _Consumer(loop, short_name, handler)
         subscriber = self._client(pubsub_v1.SubscriberClient, SubscriberGrpcTransport)
+        extension = self.lease_extension_seconds
         flow = pubsub_v1.types.FlowControl(
-            max_messages=limit, max_lease_duration=self.max_lease_seconds
+            max_messages=limit,
+            max_lease_duration=self.max_lease_seconds,
+            max_duration_per_lease_extension=int(max(10, extension)) if extension else 0,
         )
         try:
             streaming = subscriber.subscribe(
