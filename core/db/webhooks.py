@@ -453,16 +453,7 @@ class DeliveryRepository:
     async def endpoint(self, tenant: str, url: str) -> WebhookEndpoint | None:
         """The endpoint's health and secrets, or None if nothing was ever sent to it."""
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints"
-                        " WHERE tenant = :tenant AND url = :url"
-                    ),
-                    {"tenant": tenant, "url": url},
-                )
-            ).first()
-        return WebhookEndpoint(**dict(row._mapping)) if row else None
+            return await self._select_endpoint(conn, tenant, url)
 
     async def note_endpoint_success(self, tenant: str, url: str) -> None:
         """End an endpoint's failure run (writes only when there is one: the hot path)."""
@@ -610,13 +601,20 @@ class DeliveryRepository:
         """The endpoint row, created if missing and share-locked for this transaction, so a
         concurrent ``disable_endpoint`` is ordered before or after it, never in between."""
         await self._insert_endpoint(conn, tenant, url)
+        endpoint = await self._select_endpoint(conn, tenant, url, lock=" FOR SHARE")
+        assert endpoint is not None  # inserted just above, in this transaction
+        return endpoint
+
+    async def _select_endpoint(
+        self, conn: AsyncConnection, tenant: str, url: str, *, lock: str = ""
+    ) -> WebhookEndpoint | None:
         row = (
             await conn.execute(
                 text(
                     f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints"
-                    " WHERE tenant = :tenant AND url = :url FOR SHARE"
+                    f" WHERE tenant = :tenant AND url = :url{lock}"
                 ),
                 {"tenant": tenant, "url": url},
             )
-        ).one()
-        return WebhookEndpoint(**dict(row._mapping))
+        ).first()
+        return WebhookEndpoint(**dict(row._mapping)) if row else None
