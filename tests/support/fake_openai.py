@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.support.server import LoopbackServer
+from tests.support.server import LoopbackServer, running
 
 FaultKind = Literal[
     "rate_limit",
@@ -347,15 +347,9 @@ def _pieces(text: str, parts: int) -> Iterator[str]:
         yield text[start : start + size]
 
 
-@contextlib.asynccontextmanager
-async def running_fake_openai() -> AsyncIterator[FakeOpenAI]:
+def running_fake_openai() -> contextlib.AbstractAsyncContextManager[FakeOpenAI]:
     """A started fake server, stopped on exit."""
-    fake = FakeOpenAI()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
+    return running(FakeOpenAI())
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.server import LoopbackServer
+from tests.support.server import LoopbackServer, running
 
 
 def item(url: str, title: str, snippet: str) -> dict[str, str]:
@@ -117,15 +117,9 @@ class FakeSearch:
             await self._http.stop()
 
 
-@contextlib.asynccontextmanager
-async def running_fake_search() -> AsyncIterator[FakeSearch]:
+def running_fake_search() -> contextlib.AbstractAsyncContextManager[FakeSearch]:
     """A started fake search server, stopped on exit."""
-    fake = FakeSearch()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
+    return running(FakeSearch())
 
 
 @pytest.fixture

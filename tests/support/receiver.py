@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.support.server import LoopbackServer
+from tests.support.server import LoopbackServer, running
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,5 @@ class WebhookReceiver:
 @pytest.fixture(name="webhook_receiver")
 async def webhook_receiver_fixture() -> AsyncIterator[WebhookReceiver]:
     """A running receiver; ``.url``, ``.requests``, ``.script(...)``, ``.stop()``/``.start()``."""
-    receiver = WebhookReceiver()
-    await receiver.start()
-    try:
+    async with running(WebhookReceiver()) as receiver:
         yield receiver
-    finally:
-        await receiver.stop()

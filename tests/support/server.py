@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
+from typing import Protocol, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -55,3 +57,24 @@ class LoopbackServer:
             await asyncio.wait_for(self._task, timeout=10)
         self._server = None
         self._task = None
+
+
+class Startable(Protocol):
+    """A test server with ``start()`` and ``stop()``."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Startable)
+
+
+@contextlib.asynccontextmanager
+async def running(server: S) -> AsyncIterator[S]:
+    """``server`` started, and stopped on exit."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
