@@ -89,7 +89,18 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         json_deserializer=orjson.loads,
     )
     event.listen(engine.sync_engine, "checkout", _skip_closed)
-    return engine
+    return Engine(engine.sync_engine)
+
+
+class Engine(AsyncEngine):
+    """An ``AsyncEngine`` whose ``dispose`` also closes the asyncpg hot pool
+    (``core.db.raw``) that the hot paths open beside it."""
+
+    async def dispose(self, close: bool = True) -> None:
+        from core.db.raw import close_hot_pool
+
+        await close_hot_pool(self)
+        await super().dispose(close)
 
 
 def _orjson_text(value: Any) -> str:

@@ -1,0 +1,53 @@
+"""The asyncpg hot pool beside SQLAlchemy's (core.db.raw)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db.engine import create_engine
+from core.db.raw import hot_pool, raw_connection
+from tests.support.waiting import wait_for
+
+
+async def test_json_goes_through_orjson_both_ways(engine: AsyncEngine) -> None:
+    async with raw_connection(engine) as conn:
+        value = await asyncio.wait_for(
+            conn.fetchval("SELECT $1::jsonb || '{\"b\": 2}'::jsonb", {"a": [1, "x"]}), 5
+        )
+    assert value == {"a": [1, "x"], "b": 2}
+
+
+async def test_an_abandoned_transaction_is_rolled_back_on_release(engine: AsyncEngine) -> None:
+    async with raw_connection(engine) as conn:
+        await conn.execute("CREATE TABLE raw_probe (n int)")
+    async with raw_connection(engine) as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO raw_probe VALUES (1)")
+    pool = await hot_pool(engine)
+    async with pool.acquire() as conn:
+        assert not conn.is_in_transaction()
+        assert await asyncio.wait_for(conn.fetchval("SELECT count(*) FROM raw_probe"), 5) == 0
+
+
+async def test_disposing_the_engine_closes_the_hot_pool(database_url: str) -> None:
+    engine = create_engine(database_url, pool_size=2)
+    async with raw_connection(engine) as conn:
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+    pool = await hot_pool(engine)
+    await asyncio.wait_for(engine.dispose(), 10)
+    assert pool.is_closing()
+    probe = create_engine(database_url, pool_size=1)
+
+    async def backend_gone() -> bool:
+        async with raw_connection(probe) as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend
+            )
+        return bool(count == 0)
+
+    try:
+        await wait_for(backend_gone, timeout=10, message="the hot pool's backend to exit")
+    finally:
+        await probe.dispose()
