@@ -10,8 +10,9 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from blogpipe import keys_cli, operator_cli, webhooks_cli
 from core import logredact
@@ -74,6 +75,18 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+def serve_forever(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived deployable on uvloop when it is installed (faster sockets and
+    timers for the API, the broker and the webhooks), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is a fallback
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 async def _until_signalled(
     start: Callable[[], Awaitable[object]],
     stop: Callable[[], Awaitable[None]],
@@ -125,7 +138,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    asyncio.run(_until_signalled(start, pipeline.stop, ready))
+    serve_forever(_until_signalled(start, pipeline.stop, ready))
     return 0
 
 
@@ -145,7 +158,7 @@ def _run_components(settings: Settings, components: Sequence[str]) -> int:
     from blogpipe.runtime import Pipeline
 
     pipeline = Pipeline(settings, components=components, setup=False)
-    asyncio.run(
+    serve_forever(
         _until_signalled(
             pipeline.start,
             pipeline.stop,
