@@ -8,17 +8,7 @@ from typing import Any
 
 from core.requests import BlogRequest
 from stages.citations import REFERENCES_HEADING
-from stages.markdown_doc import (
-    Heading,
-    has_list,
-    has_table,
-    headings,
-    links,
-    paragraphs,
-    reading_time,
-    slugify,
-    word_count,
-)
+from stages.markdown_doc import Heading, MarkdownDoc, reading_time, slugify
 from stages.models import SeoCopy
 from stages.quality import assess, dimensions, overall
 from stages.seo_analysis import (
@@ -85,7 +75,7 @@ def _heading_json(heading_list: Sequence[Heading]) -> list[dict[str, Any]]:
 def compose_article(
     request: BlogRequest,
     *,
-    content: str,
+    content: str | MarkdownDoc,
     title: str,
     copy: SeoCopy,
     research: Mapping[str, Any],
@@ -94,16 +84,17 @@ def compose_article(
     publisher: str = "blogpipe",
 ) -> tuple[dict[str, Any], list[str]]:
     """Every CONTRACT result field except run totals, and the quality warnings."""
+    doc = MarkdownDoc.of(content)
     primary = request.keywords[0]
-    heading_list = headings(content)
-    link_list = [{"text": link.text, "url": link.url} for link in links(content)]
-    word_total = word_count(content)
-    flesch = readability(content)
+    heading_list = list(doc.headings)
+    link_list = [{"text": link.text, "url": link.url} for link in doc.links]
+    word_total = len(doc.words)
+    flesch = readability(doc)
     meta_title = fit_meta_title(copy.meta_title, title, primary)
-    meta_description = fit_meta_description(copy.meta_description, content, primary)
+    meta_description = fit_meta_description(copy.meta_description, doc, primary)
     slug = make_slug(primary, title)
     facts = analyse_keywords(
-        content,
+        doc,
         request.keywords,
         title=title,
         meta_title=meta_title,
@@ -122,7 +113,7 @@ def compose_article(
         link_count=len(link_list),
     )
     report = assess(
-        content,
+        doc,
         heading_list,
         word_total,
         request.word_band,
@@ -132,7 +123,7 @@ def compose_article(
     related = semantic_keywords(
         request, research.get("semantic_keywords", []), copy.semantic_keywords
     )
-    faq = faq_entries(content)
+    faq = faq_entries(doc)
     og_tags, twitter_tags = social_tags(
         title=meta_title, description=meta_description, slug=slug, keywords=request.keywords
     )
@@ -151,7 +142,7 @@ def compose_article(
         quality_score = overall(quality_dimensions)
     article: dict[str, Any] = {
         "title": title,
-        "content": content,
+        "content": doc.markdown,
         "meta_title": meta_title,
         "meta_description": meta_description,
         "readability_score": flesch,
@@ -193,9 +184,9 @@ def compose_article(
             "links": link_list,
             "word_count": word_total,
             "reading_time": reading_time(word_total),
-            "paragraph_count": len(paragraphs(content)),
-            "has_tables": has_table(content),
-            "has_lists": has_list(content),
+            "paragraph_count": len(doc.paragraphs),
+            "has_tables": doc.has_table,
+            "has_lists": doc.has_list,
         },
     }
     return article, [f"Quality check: {issue}" for issue in report.issues]

@@ -2,6 +2,9 @@
 
 Pure functions over a string; enough Markdown for what the LLM writes (ATX headings,
 paragraphs, lists, pipe tables, fenced code, links), not a full CommonMark parser.
+``MarkdownDoc`` derives each of them once, for the many checks that read one article.
+Cheap substring tests skip a regular expression where it cannot match: the regexes
+scan every character, and most articles have no code, images or raw HTML.
 """
 
 from __future__ import annotations
@@ -9,19 +12,30 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 WORDS_PER_MINUTE = 230
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_LINK = re.compile(r"(?<!!)\[([^\]\n]+)\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+# "[" not preceded by "!" (an image); the look-behind follows the literal "[" so that
+# the search can jump from one "[" to the next.
+_LINK = re.compile(r"\[(?<!!\[)([^\]\n]+)\]\(\s*(<[^>]+>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
 _IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)]*\)")
 _URL = re.compile(r"(?:https?://|www\.)[^\s)>\]]+")
 CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d{1,3}[.)])\s+")
 _TABLE_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*", re.UNICODE)
+_EMPHASIS = re.compile(r"(\*\*|__|\*|_|`|~~)(?=\S)(.+?)(?<=\S)\1")
+_TAG = re.compile(r"<[^>]+>")
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+_SPACE_BEFORE_MARK = re.compile(r"[ \t]+([.,;:!?])")
+_BLANKS = re.compile(r"[ \t]{2,}|\t")
+"""Runs of blanks that are not already a single space."""
+_MARKS = ".,;:!?"
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class Link:
 def slugify(text: str, max_length: int | None = None) -> str:
     """Lowercase ASCII words joined by hyphens (accents folded, everything else dropped)."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    slug = _NOT_SLUG.sub("-", ascii_text.lower()).strip("-")
     if max_length is not None and len(slug) > max_length:
         slug = (
             slug[:max_length].rsplit("-", 1)[0] if "-" in slug[:max_length] else slug[:max_length]
@@ -54,14 +68,25 @@ def slugify(text: str, max_length: int | None = None) -> str:
 
 def inline_text(text: str) -> str:
     """Inline Markdown to plain text: links to their text, emphasis and code marks dropped."""
-    text = _IMAGE.sub(r"\1", text)
-    text = _LINK.sub(r"\1", text)
-    text = re.sub(r"(\*\*|__|\*|_|`|~~)(?=\S)(.+?)(?<=\S)\1", r"\2", text)
-    return re.sub(r"<[^>]+>", "", text).strip()
+    if "](" in text:
+        if "![" in text:
+            text = _IMAGE.sub(r"\1", text)
+        text = _LINK.sub(r"\1", text)
+    if "*" in text or "_" in text or "`" in text or "~~" in text:
+        text = _EMPHASIS.sub(r"\2", text)
+    if "<" in text:
+        text = _TAG.sub("", text)
+    return text.strip()
+
+
+Lines = Sequence[tuple[str, bool]]
+"""Lines of Markdown, each with whether it sits inside a fenced code block."""
 
 
 def _content_lines(markdown: str) -> list[tuple[str, bool]]:
     """Each line with a flag telling whether it sits inside a fenced code block."""
+    if "```" not in markdown and "~~~" not in markdown:
+        return [(line, False) for line in markdown.splitlines()]
     lines: list[tuple[str, bool]] = []
     in_fence = False
     for line in markdown.splitlines():
@@ -73,12 +98,15 @@ def _content_lines(markdown: str) -> list[tuple[str, bool]]:
     return lines
 
 
-def headings(markdown: str) -> list[Heading]:
-    """Every heading outside code blocks, with unique GitHub-style ids."""
+def _heading(line: str) -> re.Match[str] | None:
+    return _HEADING.match(line) if line.startswith("#") else None
+
+
+def _headings(lines: Lines) -> list[Heading]:
     found: list[Heading] = []
     used: set[str] = set()
-    for line, in_code in _content_lines(markdown):
-        match = None if in_code else _HEADING.match(line)
+    for line, in_code in lines:
+        match = None if in_code else _heading(line)
         if not match:
             continue
         text = inline_text(CITATION.sub("", match.group(2))).strip()
@@ -92,27 +120,36 @@ def headings(markdown: str) -> list[Heading]:
     return found
 
 
-def links(markdown: str) -> list[Link]:
-    """Every Markdown link (not images) outside code blocks."""
+def headings(markdown: str) -> list[Heading]:
+    """Every heading outside code blocks, with unique GitHub-style ids."""
+    return _headings(_content_lines(markdown))
+
+
+def _links(lines: Lines) -> list[Link]:
     found: list[Link] = []
-    for line, in_code in _content_lines(markdown):
-        if in_code:
+    for line, in_code in lines:
+        if in_code or "](" not in line:
             continue
         for match in _LINK.finditer(line):
             found.append(Link(text=inline_text(match.group(1)), url=match.group(2).strip("<>")))
     return found
 
 
-def blocks(markdown: str) -> list[str]:
-    """Blank-line separated blocks outside code (headings are blocks of their own)."""
+def links(markdown: str) -> list[Link]:
+    """Every Markdown link (not images) outside code blocks."""
+    return _links(_content_lines(markdown))
+
+
+def _blocks(lines: Lines) -> list[str]:
     result: list[str] = []
     current: list[str] = []
-    for line, in_code in _content_lines(markdown):
-        if in_code or not line.strip() or _HEADING.match(line):
+    for line, in_code in lines:
+        heading = not in_code and _heading(line) is not None
+        if in_code or heading or not line.strip():
             if current:
                 result.append("\n".join(current))
                 current = []
-            if not in_code and _HEADING.match(line):
+            if heading:
                 result.append(line)
             continue
         current.append(line)
@@ -121,51 +158,83 @@ def blocks(markdown: str) -> list[str]:
     return result
 
 
-def paragraphs(markdown: str) -> list[str]:
-    """Prose paragraphs: blocks that are not headings, lists, tables or quotes."""
+def blocks(markdown: str) -> list[str]:
+    """Blank-line separated blocks outside code (headings are blocks of their own)."""
+    return _blocks(_content_lines(markdown))
+
+
+def _paragraphs(block_list: Sequence[str]) -> list[str]:
     return [
         block
-        for block in blocks(markdown)
-        if not _HEADING.match(block)
+        for block in block_list
+        if not _heading(block)
         and not _LIST_ITEM.match(block)
         and not block.lstrip().startswith(("|", ">", "<"))
     ]
 
 
+def paragraphs(markdown: str) -> list[str]:
+    """Prose paragraphs: blocks that are not headings, lists, tables or quotes."""
+    return _paragraphs(blocks(markdown))
+
+
+def _has_table(lines: Lines) -> bool:
+    rows = [line for line, in_code in lines if not in_code]
+    return any(
+        "|" in rows[i] and _TABLE_SEPARATOR.match(rows[i + 1]) is not None
+        for i in range(len(rows) - 1)
+    )
+
+
 def has_table(markdown: str) -> bool:
     """Whether there is a pipe table (a header row followed by a separator row)."""
-    lines = [line for line, in_code in _content_lines(markdown) if not in_code]
-    return any(
-        "|" in lines[i] and _TABLE_SEPARATOR.match(lines[i + 1]) is not None
-        for i in range(len(lines) - 1)
-    )
+    return _has_table(_content_lines(markdown))
+
+
+def _has_list(lines: Lines) -> bool:
+    return any(not in_code and _LIST_ITEM.match(line) for line, in_code in lines)
 
 
 def has_list(markdown: str) -> bool:
     """Whether there is a bulleted or numbered list."""
-    return any(not in_code and _LIST_ITEM.match(line) for line, in_code in _content_lines(markdown))
+    return _has_list(_content_lines(markdown))
 
 
-def plain_text(markdown: str) -> str:
-    """Prose for counting and readability: no code, URLs, citation marks or Markdown syntax."""
+def _plain_text(lines: Lines) -> str:
     out: list[str] = []
-    for line, in_code in _content_lines(markdown):
-        if in_code or _TABLE_SEPARATOR.match(line):
+    for line, in_code in lines:
+        if in_code or ("---" in line and _TABLE_SEPARATOR.match(line)):
             continue
-        heading = _HEADING.match(line)
+        heading = _heading(line)
         if heading:
             # A heading reads as its own sentence.
             text = heading.group(2).rstrip(".:?!")
             out.append(f"{text}.")
             continue
-        line = _LIST_ITEM.sub("", line).lstrip("> ")
-        line = line.replace("|", " ")
+        item = _LIST_ITEM.match(line)
+        if item:
+            line = line[item.end() :]
+        line = line.lstrip("> ")
+        if "|" in line:
+            line = line.replace("|", " ")
         out.append(line)
     text = inline_text("\n".join(out))
-    text = _URL.sub("", text)
-    text = CITATION.sub("", text)
-    text = re.sub(r"[ \t]+([.,;:!?])", r"\1", text)
-    return re.sub(r"[ \t]+", " ", text).strip()
+    if "://" in text or "www." in text:
+        text = _URL.sub("", text)
+    if "[" in text:
+        text = CITATION.sub("", text)
+    # Same as deleting blank runs before a mark, then making every run one space.
+    if "\t" in text or "  " in text:
+        text = _BLANKS.sub(" ", text)
+    for mark in _MARKS:
+        if " " + mark in text:
+            text = text.replace(" " + mark, mark)
+    return text.strip()
+
+
+def plain_text(markdown: str) -> str:
+    """Prose for counting and readability: no code, URLs, citation marks or Markdown syntax."""
+    return _plain_text(_content_lines(markdown))
 
 
 def words(text: str) -> list[str]:
@@ -176,6 +245,93 @@ def words(text: str) -> list[str]:
 def word_count(markdown: str) -> int:
     """Words of the article as a reader sees them."""
     return len(words(plain_text(markdown)))
+
+
+@lru_cache(maxsize=256)
+def phrase_pattern(phrase: str) -> re.Pattern[str] | None:
+    """Whole-word, any-separator matcher of a phrase in lower-case text (None: no words)."""
+    tokens = words(phrase.lower())
+    if not tokens:
+        return None
+    first = re.escape(tokens[0])
+    # "Not after a word character", checked after the first token so that the search
+    # can jump between occurrences of that literal.
+    head = first + rf"(?<!\w{first})"
+    return re.compile(head + "".join(r"[\W_]+" + re.escape(t) for t in tokens[1:]) + r"(?![\w])")
+
+
+@dataclass(frozen=True)
+class MarkdownDoc:
+    """An article's Markdown with what the checks read from it, each derived once."""
+
+    markdown: str
+    _phrase_counts: dict[str, int] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @classmethod
+    def of(cls, markdown: str | MarkdownDoc) -> MarkdownDoc:
+        """``markdown`` as a document (itself when it already is one)."""
+        return markdown if isinstance(markdown, MarkdownDoc) else cls(markdown)
+
+    @cached_property
+    def lines(self) -> list[tuple[str, bool]]:
+        """Each line with whether it sits inside a fenced code block."""
+        return _content_lines(self.markdown)
+
+    @cached_property
+    def headings(self) -> tuple[Heading, ...]:
+        """Every heading outside code blocks, with unique ids."""
+        return tuple(_headings(self.lines))
+
+    @cached_property
+    def links(self) -> tuple[Link, ...]:
+        """Every Markdown link outside code blocks."""
+        return tuple(_links(self.lines))
+
+    @cached_property
+    def blocks(self) -> tuple[str, ...]:
+        """Blank-line separated blocks outside code."""
+        return tuple(_blocks(self.lines))
+
+    @cached_property
+    def paragraphs(self) -> tuple[str, ...]:
+        """Prose paragraphs."""
+        return tuple(_paragraphs(self.blocks))
+
+    @cached_property
+    def has_table(self) -> bool:
+        """Whether there is a pipe table."""
+        return _has_table(self.lines)
+
+    @cached_property
+    def has_list(self) -> bool:
+        """Whether there is a bulleted or numbered list."""
+        return _has_list(self.lines)
+
+    @cached_property
+    def plain_text(self) -> str:
+        """Prose for counting and readability."""
+        return _plain_text(self.lines)
+
+    @cached_property
+    def words(self) -> tuple[str, ...]:
+        """Words of the plain text."""
+        return tuple(words(self.plain_text))
+
+    @cached_property
+    def lower_text(self) -> str:
+        """The plain text in lower case, for phrase counts."""
+        return self.plain_text.lower()
+
+    def phrase_count(self, phrase: str) -> int:
+        """Case-insensitive whole-word occurrences of ``phrase`` in the plain text."""
+        count = self._phrase_counts.get(phrase)
+        if count is None:
+            pattern = phrase_pattern(phrase)
+            count = len(pattern.findall(self.lower_text)) if pattern else 0
+            self._phrase_counts[phrase] = count
+        return count
 
 
 def reading_time(word_total: int) -> int:

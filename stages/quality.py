@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stages.citations import REFERENCES_HEADING
-from stages.markdown_doc import CITATION, Heading, paragraphs, plain_text
-from stages.seo_analysis import count_phrase
+from stages.markdown_doc import CITATION, Heading, MarkdownDoc
 
 _BOILERPLATE = re.compile(
     r"(\bas an ai\b|\bas a(?:n ai)? language model\b|\bi(?:'m| am) (?:sorry|unable)\b|"
@@ -18,6 +17,8 @@ _BOILERPLATE = re.compile(
     re.IGNORECASE,
 )
 _REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)
+_REFERENCES = re.compile(rf"^##\s+{REFERENCES_HEADING}\s*$", re.MULTILINE)
+_NON_WORD = re.compile(r"\W+")
 MIN_READING_EASE = 30.0
 """Flesch reading ease below this is "very difficult" (academic papers)."""
 
@@ -50,7 +51,7 @@ class QualityReport:
 
 def _split_references(markdown: str) -> tuple[str, str]:
     """Body and reference list (empty when there is none)."""
-    match = re.search(rf"^##\s+{REFERENCES_HEADING}\s*$", markdown, re.MULTILINE)
+    match = _REFERENCES.search(markdown) if REFERENCES_HEADING in markdown else None
     if not match:
         return markdown, ""
     return markdown[: match.start()], markdown[match.end() :]
@@ -68,14 +69,14 @@ def check_citations(markdown: str) -> list[str]:
 
 def normalise_paragraph(paragraph: str) -> str:
     """Lowercase words only, without citation markers: what "the same paragraph" means."""
-    return re.sub(r"\W+", " ", CITATION.sub("", paragraph).lower()).strip()
+    return _NON_WORD.sub(" ", CITATION.sub("", paragraph).lower()).strip()
 
 
-def check_duplicates(markdown: str, min_chars: int = 40) -> list[str]:
+def check_duplicates(markdown: str | MarkdownDoc, min_chars: int = 40) -> list[str]:
     """Paragraphs that appear more than once (ignoring case, punctuation and markers)."""
     counts = Counter(
         text
-        for text in (normalise_paragraph(p) for p in paragraphs(markdown))
+        for text in (normalise_paragraph(p) for p in MarkdownDoc.of(markdown).paragraphs)
         if len(text) >= min_chars
     )
     return [f"duplicate paragraph ({n}x): {text[:60]}…" for text, n in counts.items() if n > 1]
@@ -116,13 +117,13 @@ def check_structure(heading_list: Sequence[Heading]) -> list[str]:
     return issues
 
 
-def check_keywords(markdown: str, keywords: Sequence[str]) -> list[str]:
+def check_keywords(markdown: str | MarkdownDoc, keywords: Sequence[str]) -> list[str]:
     """Every requested keyword appears in the article's text at least once."""
-    text = plain_text(markdown)
+    doc = MarkdownDoc.of(markdown)
     return [
         f"keyword {k!r} does not appear in the article"
         for k in keywords
-        if count_phrase(text, k) == 0
+        if doc.phrase_count(k) == 0
     ]
 
 
@@ -134,7 +135,7 @@ def check_readability(flesch: float | None) -> list[str]:
 
 
 def assess(
-    markdown: str,
+    markdown: str | MarkdownDoc,
     heading_list: Sequence[Heading],
     word_total: int,
     band: tuple[int, int],
@@ -143,13 +144,14 @@ def assess(
     flesch: float | None = None,
 ) -> QualityReport:
     """Run every check."""
+    doc = MarkdownDoc.of(markdown)
     return QualityReport(
-        citations=check_citations(markdown),
-        duplicates=check_duplicates(markdown),
-        boilerplate=check_boilerplate(markdown),
+        citations=check_citations(doc.markdown),
+        duplicates=check_duplicates(doc),
+        boilerplate=check_boilerplate(doc.markdown),
         length=check_length(word_total, band),
         structure=check_structure(heading_list),
-        keywords=check_keywords(markdown, keywords),
+        keywords=check_keywords(doc, keywords),
         readability=check_readability(flesch),
     )
 

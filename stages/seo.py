@@ -12,7 +12,7 @@ from core.llm import LLM, LLMRequest
 from stages.article import compose_article, ensure_single_h1
 from stages.base import StageInput, StageResult
 from stages.citations import apply_citations
-from stages.markdown_doc import headings, paragraphs, plain_text
+from stages.markdown_doc import MarkdownDoc, plain_text
 from stages.models import SeoCopy
 from stages.placeholder import placeholder_seo
 from stages.prompts import SEO_SYSTEM, user_message
@@ -36,11 +36,12 @@ class SeoStage:
         cited = apply_citations(
             markdown, research.get("sources", []), enabled=request.use_citations
         )
-        content = cited.markdown
-        excerpt = " ".join(plain_text("\n\n".join(paragraphs(content))).split()[:EXCERPT_WORDS])
+        content = MarkdownDoc(cited.markdown)
+        prose = plain_text("\n\n".join(content.paragraphs))
+        excerpt = " ".join(prose.split()[:EXCERPT_WORDS])
         context: dict[str, Any] = {
             "title": title,
-            "headings": [h.text for h in headings(content) if h.level == 2],
+            "headings": [h.text for h in content.headings if h.level == 2],
             "excerpt": excerpt,
             "search_intent": research.get("search_intent"),
         }

@@ -5,14 +5,12 @@ Everything here is computed from the Markdown and the request, never asked of th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import textstat
-
-from stages.markdown_doc import Heading, paragraphs, plain_text, slugify, words
+from stages.markdown_doc import Heading, MarkdownDoc, phrase_pattern, plain_text, slugify, words
+from stages.reading_ease import flesch_reading_ease
 
 META_TITLE_MAX = 60
 META_DESCRIPTION_MIN = 120
@@ -24,12 +22,12 @@ _SLUG_STOPWORDS = frozenset(
 )
 
 
-def readability(markdown: str) -> float:
+def readability(markdown: str | MarkdownDoc) -> float:
     """Flesch reading ease of the prose (Markdown, URLs and citation marks stripped)."""
-    text = plain_text(markdown)
-    if not words(text):
+    doc = MarkdownDoc.of(markdown)
+    if not doc.words:
         return 0.0
-    return round(float(textstat.flesch_reading_ease(text)), 1)
+    return round(float(flesch_reading_ease(doc.plain_text)), 1)
 
 
 def _cut(text: str, limit: int, ellipsis: str = "") -> str:
@@ -60,11 +58,12 @@ def _join(first: str, second: str) -> str:
     return f"{first.rstrip(' .')}. {second}" if first else second
 
 
-def fit_meta_description(candidate: str, markdown: str, primary_keyword: str) -> str:
+def fit_meta_description(candidate: str, markdown: str | MarkdownDoc, primary_keyword: str) -> str:
     """A 120-160 character description with the keyword: the LLM's if it fits, else repaired."""
     text = " ".join(candidate.split())
     if len(text) < META_DESCRIPTION_MIN:
-        text = _join(text, " ".join(plain_text("\n\n".join(paragraphs(markdown)[:2])).split()))
+        opening = "\n\n".join(MarkdownDoc.of(markdown).paragraphs[:2])
+        text = _join(text, " ".join(plain_text(opening).split()))
     if len(text) < META_DESCRIPTION_MIN:
         text = _join(text, f"A practical guide to {primary_keyword}: what it is and how to choose.")
     text = _cut(text, META_DESCRIPTION_MAX, "…")
@@ -92,17 +91,13 @@ def make_slug(primary_keyword: str, title: str) -> str:
 
 def count_phrase(text: str, phrase: str) -> int:
     """Case-insensitive whole-word occurrences of ``phrase`` in ``text``."""
-    tokens = words(phrase.lower())
-    if not tokens:
-        return 0
-    pattern = r"(?<![\w])" + r"[\W_]+".join(re.escape(token) for token in tokens) + r"(?![\w])"
-    return len(re.findall(pattern, text.lower()))
+    pattern = phrase_pattern(phrase)
+    return len(pattern.findall(text.lower())) if pattern else 0
 
 
 def keyword_density(text: str, phrase: str) -> float:
     """Occurrences of ``phrase`` per 100 words of ``text``."""
-    total = len(words(text))
-    return round(100.0 * count_phrase(text, phrase) / total, 2) if total else 0.0
+    return _density(count_phrase(text, phrase), len(words(text)))
 
 
 @dataclass(frozen=True)
@@ -134,8 +129,13 @@ class KeywordFacts:
         }
 
 
+def _density(count: int, total: int) -> float:
+    """Occurrences per 100 words (as ``keyword_density``)."""
+    return round(100.0 * count / total, 2) if total else 0.0
+
+
 def analyse_keywords(
-    markdown: str,
+    markdown: str | MarkdownDoc,
     keywords: Sequence[str],
     *,
     title: str,
@@ -145,9 +145,10 @@ def analyse_keywords(
     heading_list: Sequence[Heading],
 ) -> KeywordFacts:
     """Keyword placement and density over the article's plain text."""
-    text = plain_text(markdown)
+    doc = MarkdownDoc.of(markdown)
+    total = len(doc.words)
     primary = keywords[0]
-    first = paragraphs(markdown)[:1]
+    first = doc.paragraphs[:1]
     return KeywordFacts(
         primary=primary,
         in_title=count_phrase(title, primary) > 0,
@@ -156,11 +157,11 @@ def analyse_keywords(
         in_first_paragraph=bool(first) and count_phrase(plain_text(first[0]), primary) > 0,
         in_headings=any(count_phrase(h.text, primary) for h in heading_list if h.level > 1),
         in_slug=slugify(primary) in slug,
-        density=keyword_density(text, primary),
+        density=_density(doc.phrase_count(primary), total),
         keywords={
             keyword: {
-                "count": count_phrase(text, keyword),
-                "density": keyword_density(text, keyword),
+                "count": doc.phrase_count(keyword),
+                "density": _density(doc.phrase_count(keyword), total),
             }
             for keyword in keywords
         },

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from stages.markdown_doc import blocks, plain_text
+from stages.markdown_doc import MarkdownDoc, plain_text
 
 _FAQ_TITLE = re.compile(r"^(frequently asked questions|faqs?)\b", re.IGNORECASE)
 _H2 = re.compile(r"^##\s")
@@ -28,7 +28,7 @@ def is_faq_heading(text: str) -> bool:
     return _FAQ_TITLE.match(text.strip()) is not None
 
 
-def faq_entries(markdown: str) -> list[FaqEntry]:
+def faq_entries(markdown: str | MarkdownDoc) -> list[FaqEntry]:
     """The H3 questions (with their answers) under a "Frequently Asked Questions" H2."""
     entries: list[FaqEntry] = []
     in_faq = False
@@ -39,7 +39,7 @@ def faq_entries(markdown: str) -> list[FaqEntry]:
         if question and answer:
             entries.append(FaqEntry(question, plain_text("\n\n".join(answer))))
 
-    for block in blocks(markdown):
+    for block in MarkdownDoc.of(markdown).blocks:
         if _H2.match(block):
             flush()
             question, answer = None, []

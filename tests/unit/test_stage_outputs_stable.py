@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import textstat
 
 from core.constants import STAGES
 from core.llm import LLMRequest, LLMResponse, TextCallback
@@ -28,7 +29,9 @@ from core.llm.offline import OfflineLLM
 from core.requests import BlogRequest
 from core.settings import Settings
 from stages.base import StageInput
+from stages.markdown_doc import plain_text
 from stages.models import SeoCopy
+from stages.reading_ease import flesch_reading_ease
 from stages.registry import get_stage
 from stages.result import build_result
 
@@ -422,6 +425,21 @@ async def test_stage_outputs_match_the_recording(case: dict[str, Any]) -> None:
     assert actual["result"] == expected["result"], "result object changed"
     assert actual["requests"] == expected["requests"], "LLM requests changed"
     assert actual == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "...",
+        "The cat sat on the mat. It was a sunny day. We had fun.",
+        "Hyphen-ated words, teen’s and don't; naïve café über. İstanbul ſtraße K.",
+        plain_text(_RICH_DRAFT),
+        plain_text(_NO_H1_DRAFT),
+    ],
+)
+def test_reading_ease_is_textstats(text: str) -> None:
+    assert flesch_reading_ease(text) == textstat.flesch_reading_ease(text)
 
 
 async def _record_all() -> dict[str, Any]:
