@@ -150,10 +150,12 @@ class _Prose:
     def unique(self, paragraph: str, section: str) -> str:
         """The paragraph, extended if it happens to repeat an earlier one verbatim."""
         extra = 0
-        while normalise_paragraph(paragraph) in self.seen:
+        key = normalise_paragraph(paragraph)
+        while key in self.seen:
             extra += 1
             paragraph += f" Point {extra} applies to {section.lower()} in particular."
-        self.seen.add(normalise_paragraph(paragraph))
+            key = normalise_paragraph(paragraph)
+        self.seen.add(key)
         return paragraph
 
     def sentence(self, section: str) -> str:

@@ -2,13 +2,15 @@
 
 textstat (pinned at 0.7.8) looks up the syllables of every word of a text on every
 call: a CMU dictionary entry, else pyphen's hyphenation. Articles repeat most of their
-words, so here each word's count is kept, and the rest is textstat's own code: the same
-word list, sentence and word counts, formula and operation order, so the float is the
-same bit for bit. This is the only module that knows textstat.
+words, so here the syllables of each distinct word are looked up once (and kept across
+texts). The rest is textstat's own code: the same word list, sentence and word counts,
+formula and operation order, so the float is the same bit for bit. This is the only
+module that knows textstat.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 
 from textstat.backend.counts import count_sentences, count_words
@@ -37,7 +39,8 @@ def flesch_reading_ease(text: str) -> float:
     except ZeroDivisionError:
         sentence_length = 0.0
     try:
-        syllables = sum(_syllables(word) for word in list_words(text, lowercase=True)) / word_total
+        counts = Counter(list_words(text, lowercase=True))
+        syllables = sum(_syllables(word) * n for word, n in counts.items()) / word_total
     except ZeroDivisionError:
         syllables = 0.0
     if sentence_length == 0 or syllables == 0:
