@@ -47,6 +47,32 @@ class Dispatcher:
         )
         return int(row.scalar_one())
 
+    def staging(self, name: str, guard: str, prefix: str) -> str:
+        """A data-modifying CTE ``name AS (…)`` that stages one message where ``guard`` (an
+        SQL condition) holds, for hot-path statements that do a whole transition at once.
+
+        Its parameters are ``:<prefix>_topic``, ``:<prefix>_data`` and
+        ``:<prefix>_attributes`` (``staging_args``); it yields ``outbox_id``, NULL when
+        the broker took the message in the transaction itself.
+        """
+        staging_sql = getattr(self.broker, "staging_sql", None)
+        if self.transactional and staging_sql is not None:
+            return str(staging_sql(name, guard, prefix))
+        return (
+            f"{name} AS (INSERT INTO outbox (topic, data, attributes)"
+            f" SELECT :{prefix}_topic::text, :{prefix}_data::bytea, :{prefix}_attributes::jsonb"
+            f" WHERE {guard} RETURNING id AS outbox_id)"
+        )
+
+    @staticmethod
+    def staging_args(prefix: str, topic: str, message: Message) -> dict[str, object]:
+        """The parameters of a ``staging`` CTE for ``message`` on ``topic``."""
+        return {
+            f"{prefix}_topic": topic,
+            f"{prefix}_data": message.data,
+            f"{prefix}_attributes": message.attributes,
+        }
+
     async def flush(self, outbox_ids: Sequence[int | None]) -> int:
         """Publish the given outbox rows now (after their transaction committed).
 

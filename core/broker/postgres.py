@@ -224,6 +224,17 @@ class PostgresBroker:
         except TRANSIENT_ERRORS as exc:
             raise BrokerError(f"Could not publish to {topic}: {exc}") from exc
 
+    @staticmethod
+    def staging_sql(name: str, guard: str, prefix: str) -> str:
+        """The CTE ``Dispatcher.staging`` uses: fan one message out to the topic's
+        subscriptions where ``guard`` holds, inside the caller's statement."""
+        return (
+            f"{name} AS (INSERT INTO broker_messages (subscription, data, attributes)"
+            f" SELECT s.name, :{prefix}_data::bytea, :{prefix}_attributes::jsonb"
+            f" FROM broker_subscriptions s WHERE s.topic = :{prefix}_topic::text AND {guard}"
+            f" ORDER BY s.name RETURNING NULL::bigint AS outbox_id)"
+        )
+
     async def subscribe(
         self, subscription: str, handler: Handler, *, max_in_flight: int = 100
     ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -9,6 +11,7 @@ from core.broker import SubscriptionSpec
 from core.broker.postgres import PostgresBroker
 from core.db.jobs import JobRepository
 from core.db.pipeline import Claim, PipelineStore
+from core.db.raw import raw_connection
 from core.dispatch import Dispatcher
 from core.errors import PermanentError
 from core.events import StageMessage
@@ -57,9 +60,33 @@ async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
     transactional = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
     outbox = PipelineStore(engine, Dispatcher(engine, InMemoryBroker()))
     assert transactional.asynchronous_commit and not outbox.asynchronous_commit
-    async with transactional._transaction() as conn:
-        setting = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
-    assert setting == "off"
-    async with outbox._transaction() as conn:
-        setting = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
-    assert setting == "on"
+    job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+    message = StageMessage(job.id, "outline", job.generation).to_message()
+    for store, expected in ((transactional, "off"), (outbox, "on")):
+        # The setting each kind of transition leaves in force when its transaction commits:
+        # the job lock opening claim and start, and the one-statement hand-off.
+        statement = store._sql.complete
+        args = statement.args(
+            job=job.id,
+            generation=99,
+            run=0,
+            output={},
+            provider="p",
+            model="m",
+            pt=0,
+            ct=0,
+            cost=0.0,
+            stage="research",
+            number=1,
+            total=4,
+            pct=25.0,
+            **Dispatcher.staging_args("next", "blog-outline", message),
+        )
+        async with raw_connection(engine) as conn:
+            async with conn.transaction():
+                await asyncio.wait_for(conn.fetchrow(store._sql.lock_job, job.id), 5)
+                assert await conn.fetchval("SHOW synchronous_commit") == expected
+            async with conn.transaction():
+                row = await asyncio.wait_for(conn.fetchrow(statement.sql, *args), 5)
+                assert not row["committed"]  # generation 99 is not the job's: nothing written
+                assert await conn.fetchval("SHOW synchronous_commit") == expected

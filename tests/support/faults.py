@@ -55,16 +55,27 @@ def duplicate_stage_messages(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
             return await publish(topic, message)
 
         broker.publish = publish_twice  # type: ignore[method-assign]
-        if hasattr(broker, "publish_in_transaction"):
-            in_tx = broker.publish_in_transaction
+        if hasattr(broker, "staging_sql"):
+            # Hand-offs inside a transition statement: fan each stage message out twice.
+            staging_sql = broker.staging_sql
+            topics = ", ".join(f"'{topic}'" for topic in sorted(STAGE_TOPICS))
 
-            async def in_tx_twice(conn: Any, topic: str, message: Any) -> None:
+            def staging_twice(name: str, guard: str, prefix: str) -> str:
+                copies = f"CASE WHEN :{prefix}_topic::text IN ({topics}) THEN 2 ELSE 1 END"
+                return str(staging_sql(name, guard, prefix)).replace(
+                    "FROM broker_subscriptions s",
+                    f"FROM broker_subscriptions s CROSS JOIN generate_series(1, {copies})",
+                )
+
+            broker.staging_sql = staging_twice
+            staging_args = Dispatcher.staging_args
+
+            def counted(prefix: str, topic: str, message: Any) -> dict[str, object]:
                 if topic in STAGE_TOPICS:
                     extra[topic] += 1
-                    await in_tx(conn, topic, message)
-                await in_tx(conn, topic, message)
+                return staging_args(prefix, topic, message)
 
-            broker.publish_in_transaction = in_tx_twice
+            monkeypatch.setattr(Dispatcher, "staging_args", staticmethod(counted))
         return broker
 
     monkeypatch.setattr(blogpipe.runtime, "build_broker", doubled)

@@ -1,0 +1,180 @@
+"""The pipeline's hot-path statements (``core.db.pipeline``), prepared once per connection.
+
+Each is a single statement, so it is atomic even outside a transaction: data-modifying
+CTEs that all follow from one guarded update of the job row. ``Transitions`` builds the
+ones that stage a message, whose SQL depends on the broker (a queue row in the same
+statement, or an outbox row published after commit).
+"""
+
+from __future__ import annotations
+
+from core.db.statements import Statement
+from core.dispatch import Dispatcher
+
+_ASYNC_COMMIT_COLUMN = ", set_config('synchronous_commit', 'off', true)"
+
+# Stage progress events read the job's progress when they carry none of their own.
+_EVENT_COLUMNS = (
+    "job_id, generation, stage, stage_number, total_stages, progress_percentage, status, details"
+)
+
+# Runs the transaction's job lock first: a new statement, hence a new snapshot, that sees
+# every run committed before the lock was ours. Decides duplicate / leased / claim, and on
+# claim abandons expired runs, opens the new one and moves progress, all in one go. The
+# last stage also reads each earlier stage's usage, for the job's result.
+CLAIM = Statement(f"""
+WITH runs AS (
+    SELECT id, attempt, status, lease_until > now() AS live,
+        EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining
+    FROM stage_runs WHERE job_id = :job AND stage = :stage AND generation = :generation
+), verdict AS (
+    SELECT CASE
+            WHEN bool_or(status = 'succeeded') THEN 'duplicate'
+            WHEN bool_or(status = 'running' AND live) THEN 'leased'
+            ELSE 'claim'
+        END AS verdict,
+        (array_agg(remaining ORDER BY attempt DESC)
+            FILTER (WHERE status = 'running' AND live))[1] AS remaining,
+        COALESCE(max(attempt), 0) + 1 AS attempt
+    FROM runs
+), abandoned AS (
+    UPDATE stage_runs SET status = 'abandoned', finished_at = now(),
+        error = 'lease expired: the worker running it stopped'
+    WHERE id IN (SELECT id FROM runs WHERE status = 'running') AND status = 'running'
+        AND (SELECT verdict FROM verdict) = 'claim'
+), run AS (
+    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
+    SELECT :job, :stage, :generation, attempt, 'running', now() + make_interval(secs => :lease)
+    FROM verdict WHERE verdict = 'claim'
+    RETURNING id, attempt
+), progressed AS (
+    UPDATE jobs SET progress_percentage = GREATEST(progress_percentage, :pct),
+        current_stage = :stage, updated_at = now()
+    WHERE id = :job AND EXISTS (SELECT 1 FROM run)
+), event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, :stage, :number::int, :total::int, :pct::float8, 'started',
+        format('Stage %s started (attempt %s)', :stage::text, attempt)
+    FROM run
+)
+SELECT v.verdict, v.remaining, r.id AS run_id, r.attempt,
+    CASE WHEN r.id IS NOT NULL THEN (
+        SELECT json_object_agg(o.stage, o.output) FROM (
+            SELECT DISTINCT ON (stage) stage, output FROM stage_runs
+            WHERE job_id = :job AND status = 'succeeded' AND stage = ANY(:earlier::text[])
+            ORDER BY stage, generation DESC, finished_at DESC) o
+    ) END AS outputs,
+    CASE WHEN r.id IS NOT NULL AND :final::boolean THEN (
+        SELECT json_object_agg(u.stage, json_build_object(
+            'provider', u.provider, 'tokens', u.tokens, 'cost', u.cost)) FROM (
+            SELECT DISTINCT ON (stage) stage, provider,
+                prompt_tokens + completion_tokens AS tokens, cost FROM stage_runs
+            WHERE job_id = :job AND status = 'succeeded' AND stage = ANY(:earlier::text[])
+            ORDER BY stage, finished_at DESC) u
+    ) END AS usage
+FROM verdict v LEFT JOIN run r ON true""")
+
+PROGRESS = Statement(f"""
+WITH lease AS (
+    UPDATE stage_runs SET lease_until = now() + make_interval(secs => :lease)
+    WHERE id = :run AND status = 'running'
+), job AS (
+    UPDATE jobs SET progress_percentage = GREATEST(progress_percentage, :pct),
+        current_stage = :stage, updated_at = now()
+    WHERE id = :job AND generation = :generation AND status = 'processing'
+    RETURNING id
+)
+INSERT INTO job_events ({_EVENT_COLUMNS})
+SELECT :job, :generation, :stage, :number::int, :total::int, :pct::float8, 'in_progress',
+    :details::text
+FROM job""")
+
+HEARTBEAT = Statement(
+    "UPDATE stage_runs SET lease_until = now() + make_interval(secs => :lease)"
+    " WHERE id = :run AND status = 'running'"
+)
+
+RECORD_FAILURE = Statement(
+    "UPDATE stage_runs SET status = 'failed', error = :error, error_type = :type,"
+    " prompt_tokens = :pt, completion_tokens = :ct, cost = :cost, finished_at = now(),"
+    " lease_until = NULL WHERE id = :run"
+)
+
+# The run's outcome, given whether the job update (``job``) found the job still current.
+_RUN_OUTCOME = """
+succeeded AS (
+    UPDATE stage_runs SET status = 'succeeded', output = :output, provider = :provider,
+        model = :model, prompt_tokens = :pt, completion_tokens = :ct, cost = :cost,
+        finished_at = now(), lease_until = NULL
+    WHERE id = :run AND EXISTS (SELECT 1 FROM job)
+), discarded AS (
+    UPDATE stage_runs SET status = 'discarded', finished_at = now(),
+        error = 'job was replayed or cancelled while this stage ran'
+    WHERE id = :run AND NOT EXISTS (SELECT 1 FROM job)
+)"""
+
+
+class Transitions:
+    """The statements that stage a message, for one dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, *, asynchronous_commit: bool) -> None:
+        sync = _ASYNC_COMMIT_COLUMN if asynchronous_commit else ""
+        staged = dispatcher.staging("staged", "EXISTS (SELECT 1 FROM job)", "next")
+        self.lock_job = (
+            f"SELECT status, generation, request, started_at{sync}"
+            " FROM jobs WHERE id = $1 FOR UPDATE"
+        )
+        self.start = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET status = 'processing', started_at = now(), updated_at = now(),
+        current_stage = :stage
+    WHERE id = :job RETURNING id
+), {staged}
+SELECT (SELECT max(outbox_id) FROM staged)""")
+        # A stage that hands off to the next one.
+        self.complete = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET progress_percentage = GREATEST(progress_percentage, :pct),
+        current_stage = :stage, updated_at = now()
+    WHERE id = :job AND generation = :generation AND status = 'processing'
+    RETURNING id
+), {_RUN_OUTCOME}, event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, :stage, :number::int, :total::int, :pct::float8, 'completed',
+        format('Stage %s completed', :stage::text)
+    FROM job
+), {staged}
+SELECT EXISTS (SELECT 1 FROM job) AS committed,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+        # The last stage: the job completes with its result, and ``job.completed`` goes out.
+        self.finish = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET status = 'completed', progress_percentage = 100,
+        current_stage = 'completed', result = :result, completed_at = now(),
+        updated_at = now(), error_message = NULL, error = NULL
+    WHERE id = :job AND generation = :generation AND status = 'processing'
+    RETURNING id
+), {_RUN_OUTCOME}, event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, e.stage, e.number, :total::int, 100, 'completed', e.details
+    FROM job, (VALUES (1, :stage::text, :number::int, format('Stage %s completed', :stage::text)),
+        (2, 'completed', :total::int, 'Blog generation completed'))
+        AS e(n, stage, number, details)
+    ORDER BY e.n
+), {staged}
+SELECT EXISTS (SELECT 1 FROM job) AS committed,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+        self.fail = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET status = 'failed', current_stage = :stage, error_message = :message,
+        error = :details, completed_at = now(), updated_at = now()
+    WHERE id = :job AND generation = :generation AND status = 'processing'
+    RETURNING id, progress_percentage
+), event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, :stage, :number::int, :total::int, progress_percentage, 'failed',
+        :message::text
+    FROM job
+), {staged}
+SELECT EXISTS (SELECT 1 FROM job) AS committed,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
