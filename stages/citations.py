@@ -20,6 +20,8 @@ _REFERENCE_HEADINGS = re.compile(
     r"^#{2,3}\s+(references|sources|bibliography|works cited)\s*$", re.IGNORECASE | re.MULTILINE
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_BLANK_RUN = re.compile(r"[ \t]{2,}")
+_MARKS = ".,;:!?"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,20 @@ def _citing_sentence(markdown: str, marker_start: int) -> str:
     return inline_text(CITATION.sub("", line)).strip()[:300]
 
 
+def _tidy_blanks(text: str) -> str:
+    """Runs of two or more blanks as one space, and no blanks before punctuation."""
+    if "  " in text or "\t" in text:
+        text = _BLANK_RUN.sub(" ", text)
+    # Every run of blanks is now a single space or tab, so deleting the blank before a
+    # mark is what deleting the whole run would be (and a plain replace is far cheaper
+    # than a regex that stops at every space).
+    for mark in _MARKS:
+        for blank in " \t":
+            if blank + mark in text:
+                text = text.replace(blank + mark, mark)
+    return text
+
+
 def apply_citations(
     markdown: str, sources: Sequence[Mapping[str, Any]], *, enabled: bool
 ) -> CitedContent:
@@ -80,8 +96,7 @@ def apply_citations(
             kept.append(str(numbering[original]))
         return "".join(f"[{n}]" for n in dict.fromkeys(kept))
 
-    rewritten = CITATION.sub(renumber, markdown)
-    rewritten = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", rewritten))
+    rewritten = _tidy_blanks(CITATION.sub(renumber, markdown))
     warnings: list[str] = []
     if dropped and enabled:
         warnings.append(
