@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import orjson
@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.constants import STAGES, TOTAL_STAGES
+from core.db.raw import raw_connection
 from core.requests import BlogRequest
 
 DEFAULT_ESTIMATE_SECONDS = 240.0
@@ -54,29 +55,100 @@ class JobRecord:
         return cls(**dict(row._mapping))
 
 
+class JobStatusFields(Protocol):
+    """The job fields a status document shows: a ``JobRecord`` has them all."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def progress_percentage(self) -> float: ...
+    @property
+    def current_stage(self) -> str | None: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def result(self) -> Any: ...
+    @property
+    def error_message(self) -> str | None: ...
+    @property
+    def error(self) -> Any: ...
+    @property
+    def metadata(self) -> Any: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def completed_at(self) -> datetime | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PolledJob:
+    """The job as the polling query returns it: its JSON columns are orjson fragments
+    holding the text Postgres wrote, to be spliced into the response as they are."""
+
+    id: UUID
+    status: str
+    progress_percentage: float
+    current_stage: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    result: orjson.Fragment | None
+    error_message: str | None
+    error: orjson.Fragment | None
+    generation: int
+    metadata: orjson.Fragment | None
+    updated_at: datetime
+
+
 def _utc(column: str) -> str:
     """SQL rendering a timestamptz as ISO 8601 in UTC, the same text ``iso`` writes."""
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
 
 
-# The whole status document in one round trip: the job, its progress updates (the
-# CONTRACT's ``progress_updates`` items) and its stage runs, aggregated as JSON.
-STATUS_QUERY = f"""
-SELECT {JOB_COLUMNS},
-  (SELECT coalesce(json_agg(json_build_object(
+# The job's progress updates (the CONTRACT's ``progress_updates`` items) and its stage
+# runs, each aggregated as one JSON array.
+_UPDATES = f"""(SELECT coalesce(json_agg(json_build_object(
       'stage', e.stage, 'stage_number', e.stage_number, 'total_stages', e.total_stages,
       'progress_percentage', e.progress_percentage, 'status', e.status, 'details', e.details,
       'timestamp', {_utc("e.created_at")}) ORDER BY e.id), '[]'::json)
-   FROM job_events e WHERE e.job_id = jobs.id) AS updates,
-  (SELECT coalesce(json_agg(json_build_object(
+   FROM job_events e WHERE e.job_id = jobs.id)"""
+_RUNS = f"""(SELECT coalesce(json_agg(json_build_object(
       'stage', r.stage, 'generation', r.generation, 'status', r.status, 'error', r.error,
       'error_type', r.error_type, 'provider', r.provider,
       'tokens', r.prompt_tokens + r.completion_tokens, 'cost', r.cost,
       'started_at', {_utc("r.started_at")}, 'finished_at', {_utc("r.finished_at")},
       'duration_seconds', EXTRACT(EPOCH FROM r.finished_at - r.started_at)) ORDER BY r.id),
       '[]'::json)
-   FROM stage_runs r WHERE r.job_id = jobs.id) AS runs
-FROM jobs WHERE id = :id"""
+   FROM stage_runs r WHERE r.job_id = jobs.id)"""
+
+# The whole status document in one round trip (webhooks and the operator CLI).
+STATUS_QUERY = (
+    f"SELECT {JOB_COLUMNS}, {_UPDATES} AS updates, {_RUNS} AS runs FROM jobs WHERE id = :id"
+)
+
+# The same for polling, on asyncpg: what goes into the document unchanged (the result,
+# error, metadata and progress updates) comes back as JSON text, to be spliced into the
+# response rather than decoded and encoded again; the stage runs are decoded, since
+# ``stage_views`` reads them.
+_POLL_QUERY = f"""
+SELECT id, status, progress_percentage, current_stage, created_at, started_at, completed_at,
+  result::text, error_message, error::text, generation, metadata::text, updated_at,
+  {_UPDATES}::text AS updates, {_RUNS} AS runs
+FROM jobs WHERE id = $1"""
+_POLL_QUERY_FOR_TENANT = f"{_POLL_QUERY} AND tenant = $2"
+
+_ESTIMATE_QUERY = (
+    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM"
+    " completed_at - started_at)) FROM (SELECT completed_at, started_at FROM jobs"
+    " WHERE status = 'completed' AND started_at IS NOT NULL"
+    " ORDER BY completed_at DESC LIMIT 50) recent"
+)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -177,6 +249,29 @@ class JobRepository:
         updates, runs = fields.pop("updates"), fields.pop("runs")
         return status_document(JobRecord(**fields), updates, runs, estimate)
 
+    async def poll_document(
+        self, job_id: UUID, *, tenant: str | None = None
+    ) -> dict[str, Any] | None:
+        """``status_document`` for the polling endpoint, for orjson to encode: the same
+        JSON, with the job's JSON columns and progress updates spliced in as fragments
+        of the text Postgres wrote (so ``json.dumps`` cannot encode it)."""
+        async with raw_connection(self.engine) as conn:
+            if tenant is None:
+                row = await conn.fetchrow(_POLL_QUERY, job_id)
+            else:
+                row = await conn.fetchrow(_POLL_QUERY_FOR_TENANT, job_id, tenant)
+            if row is None:
+                return None
+            estimate = self._cached_estimate()
+            if estimate is None:
+                estimate = self._remember_estimate(await conn.fetchval(_ESTIMATE_QUERY))
+        fields = dict(row)
+        updates, runs = orjson.Fragment(fields.pop("updates")), fields.pop("runs")
+        for name in ("result", "error", "metadata"):
+            if fields[name] is not None:
+                fields[name] = orjson.Fragment(fields[name])
+        return status_document(_PolledJob(**fields), updates, runs, estimate)
+
     async def page(
         self,
         *,
@@ -217,21 +312,19 @@ class JobRepository:
 
     async def _estimated_total(self, conn: AsyncConnection) -> float:
         """Median run time of recent completed jobs, cached briefly; 240 s with no history."""
-        now = time.monotonic()
-        if self._estimate and now - self._estimate[1] < _ESTIMATE_TTL:
+        estimate = self._cached_estimate()
+        if estimate is None:
+            estimate = self._remember_estimate((await conn.execute(text(_ESTIMATE_QUERY))).scalar())
+        return estimate
+
+    def _cached_estimate(self) -> float | None:
+        if self._estimate and time.monotonic() - self._estimate[1] < _ESTIMATE_TTL:
             return self._estimate[0]
-        value = (
-            await conn.execute(
-                text(
-                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM"
-                    " completed_at - started_at)) FROM (SELECT completed_at, started_at FROM jobs"
-                    " WHERE status = 'completed' AND started_at IS NOT NULL"
-                    " ORDER BY completed_at DESC LIMIT 50) recent"
-                )
-            )
-        ).scalar()
-        estimate = float(value) if value is not None else DEFAULT_ESTIMATE_SECONDS
-        self._estimate = (estimate, now)
+        return None
+
+    def _remember_estimate(self, median: float | None) -> float:
+        estimate = float(median) if median is not None else DEFAULT_ESTIMATE_SECONDS
+        self._estimate = (estimate, time.monotonic())
         return estimate
 
 
@@ -250,8 +343,8 @@ def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, A
 
 
 def status_document(
-    job: JobRecord,
-    updates: list[dict[str, Any]],
+    job: JobStatusFields,
+    updates: list[dict[str, Any]] | orjson.Fragment,
     runs: list[dict[str, Any]],
     estimated_total: float = DEFAULT_ESTIMATE_SECONDS,
 ) -> dict[str, Any]:
