@@ -32,7 +32,6 @@ _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*", re.UNICODE)
 _EMPHASIS = re.compile(r"(\*\*|__|\*|_|`|~~)(?=\S)(.+?)(?<=\S)\1")
 _TAG = re.compile(r"<[^>]+>")
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
-_SPACE_BEFORE_MARK = re.compile(r"[ \t]+([.,;:!?])")
 _BLANKS = re.compile(r"[ \t]{2,}|\t")
 """Runs of blanks that are not already a single space."""
 _MARKS = ".,;:!?"
@@ -275,9 +274,9 @@ class MarkdownDoc:
         return markdown if isinstance(markdown, MarkdownDoc) else cls(markdown)
 
     @cached_property
-    def lines(self) -> list[tuple[str, bool]]:
+    def lines(self) -> tuple[tuple[str, bool], ...]:
         """Each line with whether it sits inside a fenced code block."""
-        return _content_lines(self.markdown)
+        return tuple(_content_lines(self.markdown))
 
     @cached_property
     def headings(self) -> tuple[Heading, ...]:
