@@ -72,7 +72,9 @@ class StageRunner:
                 # Another worker is running it now; look again when its lease would end.
                 raise Nack("stage run is leased by another worker", delay=claim.retry_after)
             return
-        logger.info(
+        # One INFO line per stage run (when it ends, with its duration) keeps the log
+        # readable at thousands of jobs; the start is there at DEBUG.
+        logger.debug(
             "Stage %s started for job %s (attempt %d)",
             self.stage.name,
             claim.job_id,

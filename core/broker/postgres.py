@@ -20,8 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.broker import Delivery, Handler, Message, Nack, SubscriptionSpec, backoff_delay
 from core.db.engine import plain_url
@@ -132,17 +131,8 @@ class PostgresBroker:
         self, engine: AsyncEngine, *, listen_url: str | None = None, poll_interval: float = 5.0
     ) -> None:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # Each consumer holds one connection for its lifetime: keep those out of the
-        # application's pool so consumers and stage transactions never starve each other.
-        # Leases, acks and nacks do not wait for the WAL flush: one lost in a crash only
-        # means a redelivery, which the stage runner drops as a duplicate.
-        self._consumer_engine = create_async_engine(
-            engine.url,
-            poolclass=NullPool,
-            isolation_level="AUTOCOMMIT",
-            connect_args={"server_settings": {"synchronous_commit": "off"}},
-        )
-        self._listen_url = listen_url or plain_url(engine.url.render_as_string(hide_password=False))
+        self._url = plain_url(engine.url.render_as_string(hide_password=False))
+        self._listen_url = listen_url or self._url
         self.poll_interval = poll_interval
         self._consumers: dict[str, set[_Consumer]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -275,7 +265,6 @@ class PostgresBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        await self._consumer_engine.dispose()
 
     async def _execute(self, sql: str, params: tuple[Any, ...], what: str) -> list[tuple[Any, ...]]:
         try:
@@ -284,6 +273,13 @@ class PostgresBroker:
                 return [tuple(row) for row in result] if result.returns_rows else []
         except TRANSIENT_ERRORS as exc:
             raise BrokerError(f"Could not {what}: {exc}") from exc
+
+    async def _consumer_connection(self) -> asyncpg.Connection:
+        # Each consumer holds one asyncpg connection for its lifetime, outside the
+        # application's pools, so consumers and stage transactions never starve each
+        # other. Leases, acks and nacks do not wait for the WAL flush: one lost in a crash
+        # only means a redelivery, which the stage runner drops as a duplicate.
+        return await asyncpg.connect(self._url, server_settings={"synchronous_commit": "off"})
 
     def _wake_all(self) -> None:
         for group in self._consumers.values():
@@ -364,7 +360,7 @@ class _Consumer:
         self._due_at = float("inf")  # when a message we know of becomes available
         self._extend_at = float("inf")
         self._error_delay = 0.1
-        self._conn: AsyncConnection | None = None
+        self._conn: asyncpg.Connection | None = None
         self._in_flight: dict[int, tuple[_Lease, asyncio.Task[None]]] = {}
         self._outcomes: list[tuple[_Lease, float | None]] = []  # delay None means ack
 
@@ -399,14 +395,14 @@ class _Consumer:
     async def _step(self) -> float | None:
         """One round of database work; return how long to sleep (None: drain is done)."""
         if self._conn is None:
-            self._conn = await self.broker._consumer_engine.connect()
+            self._conn = await self.broker._consumer_connection()
         conn = self._conn
         if self.spec is None or self._reload_spec:
             self._reload_spec = False
-            row = (await conn.exec_driver_sql(_SUBSCRIPTION, (self.name,))).mappings().first()
+            row = await conn.fetchrow(_SUBSCRIPTION, self.name)
             if row is None:
                 raise BrokerError(f"Subscription {self.name!r} does not exist")
-            self.spec = SubscriptionSpec(**row)
+            self.spec = SubscriptionSpec(**dict(row))
         await self._settle(conn)
         now = self._loop.time()
         if self._in_flight and now >= self._extend_at:
@@ -422,7 +418,7 @@ class _Consumer:
                 self._dirty = True
             elif not self.drain:
                 # Rows another consumer is leasing right now read as due: look again shortly.
-                due = (await conn.exec_driver_sql(_NEXT_DUE, (self.name,))).scalar()
+                due = await conn.fetchval(_NEXT_DUE, self.name)
                 self._due_at = float("inf") if due is None else now + max(0.01, due)
         self._error_delay = 0.1
         if self._outcomes or (self._dirty and len(self._in_flight) < self.max_in_flight):
@@ -434,10 +430,10 @@ class _Consumer:
             wake_at = min(wake_at, self._extend_at)
         return max(0.0, wake_at - self._loop.time())
 
-    async def _lease(self, conn: AsyncConnection, limit: int) -> int:
+    async def _lease(self, conn: asyncpg.Connection, limit: int) -> int:
         assert self.spec is not None
         params = (self.name, limit, self.spec.ack_deadline_seconds)
-        rows = sorted(tuple(row) for row in await conn.exec_driver_sql(_LEASE, params))
+        rows = sorted(tuple(row) for row in await conn.fetch(_LEASE, *params))
         now = self._loop.time()
         expired = [row for row in rows if row[3] > self.spec.max_delivery_attempts]
         if expired:
@@ -477,7 +473,7 @@ class _Consumer:
         self._outcomes.append((lease, delay))
         self._wake.set()
 
-    async def _settle(self, conn: AsyncConnection) -> None:
+    async def _settle(self, conn: asyncpg.Connection) -> None:
         if not self._outcomes:
             return
         assert self.spec is not None
@@ -490,7 +486,7 @@ class _Consumer:
             ]
             dead = [lease for lease, d in outcomes if d is not None and lease.attempts >= limit]
             if acks:
-                await conn.exec_driver_sql(_ACK, (acks,))
+                await conn.execute(_ACK, acks)
             if retries:
                 await self._delay(conn, [lease for lease, _ in retries], [d for _, d in retries])
                 soonest = self._loop.time() + min(d for _, d in retries)
@@ -503,12 +499,12 @@ class _Consumer:
         self.handled += len(outcomes)
 
     async def _delay(
-        self, conn: AsyncConnection, leases: list[_Lease], delays: list[float]
+        self, conn: asyncpg.Connection, leases: list[_Lease], delays: list[float]
     ) -> None:
         ids = [lease.row_id for lease in leases]
-        await conn.exec_driver_sql(_DELAY, (ids, [lease.attempts for lease in leases], delays))
+        await conn.execute(_DELAY, ids, [lease.attempts for lease in leases], delays)
 
-    async def _extend(self, conn: AsyncConnection, now: float) -> None:
+    async def _extend(self, conn: asyncpg.Connection, now: float) -> None:
         """Keep leases of messages still being handled, like the Pub/Sub client does."""
         assert self.spec is not None
         deadline = self.spec.ack_deadline_seconds
@@ -525,13 +521,13 @@ class _Consumer:
         self._extend_at = now + deadline / 3
 
     async def _dead_letter(
-        self, conn: AsyncConnection, leases: list[_Lease], delivered: list[int]
+        self, conn: asyncpg.Connection, leases: list[_Lease], delivered: list[int]
     ) -> None:
         assert self.spec is not None
         topic = self.spec.dead_letter_topic
         ids = [lease.row_id for lease in leases]
         params = (ids, [lease.attempts for lease in leases], delivered, self.name, topic)
-        await conn.exec_driver_sql(_DEAD_LETTER, params)
+        await conn.execute(_DEAD_LETTER, *params)
         for row_id, attempts in zip(ids, delivered, strict=True):
             fields = {"subscription": self.name, "message_id": str(row_id), "attempts": attempts}
             if topic:
@@ -557,9 +553,7 @@ class _Consumer:
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):  # best effort: it may already be dead
-                await conn.invalidate()
-                await conn.close()
+            conn.terminate()  # it may be dead or mid-protocol: no goodbye
 
     async def _shutdown(self) -> None:
         """Cancel handlers, then settle what finished and release the rest for redelivery."""
@@ -574,12 +568,16 @@ class _Consumer:
         if not (self._outcomes or unfinished) or self.spec is None:
             return
         try:
-            async with self.broker._consumer_engine.connect() as conn:
+            conn = await asyncio.wait_for(self.broker._consumer_connection(), 5)
+            try:
                 await asyncio.wait_for(self._settle(conn), 5)
                 if unfinished:
                     await asyncio.wait_for(
                         self._delay(conn, unfinished, [0.0] * len(unfinished)), 5
                     )
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
         except TRANSIENT_ERRORS as exc:
             message = "Could not release leases on %s at shutdown (%s); they will expire"
             _log(logging.WARNING, "broker_release_failed", message, self.name, exc)
