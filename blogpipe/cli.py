@@ -107,23 +107,36 @@ async def _until_signalled(
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from blogpipe.runtime import Pipeline
+    from blogpipe.runtime import COMPONENTS, Pipeline
+    from blogpipe.workers import WorkerProcesses, worker_env
 
     settings = dev_settings(settings)
-    pipeline = Pipeline(settings)
+    # With --workers the stages and the notifier run in child processes instead.
+    pipeline = Pipeline(settings, components=("api",) if args.workers else COMPONENTS)
     api_key: list[str] = []
+    workers: list[WorkerProcesses] = []
 
     async def start() -> None:
         runtime = await pipeline.start()
+        if args.workers:
+            url = runtime.engine.url.render_as_string(hide_password=False)
+            workers.append(WorkerProcesses(args.workers, worker_env(settings, url)))
+            await workers[0].start()
         if settings.auth == "apikey":
             api_key.append(await keys_cli.ensure_dev_key(runtime.engine, settings.data_dir))
+
+    async def stop() -> None:
+        for group in workers:
+            await group.stop()
+        await pipeline.stop()
 
     def ready() -> None:
         url = pipeline.url
         auth = f"       -H 'Authorization: Bearer {api_key[0]}' \\\n" if api_key else ""
         print(
             f"\nblogpipe is running at {url}  (broker={settings.broker},"
-            f" task queue={settings.task_queue}, llm={settings.llm})\n"
+            f" task queue={settings.task_queue}, llm={settings.llm},"
+            f" worker processes={args.workers})\n"
             f"Webhook secret: {settings.webhook_secret}\n"
             + (f"API key (tenant {keys_cli.DEV_TENANT}): {api_key[0]}\n" if api_key else "")
             + "Try:\n"
@@ -138,7 +151,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    serve_forever(_until_signalled(start, pipeline.stop, ready))
+    serve_forever(_until_signalled(start, stop, ready))
     return 0
 
 
@@ -152,6 +165,10 @@ def cmd_stage(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_notifier(settings: Settings, args: argparse.Namespace) -> int:
     return _run_components(settings, ["notifier"])
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_components(settings, [*STAGES, "notifier"])
 
 
 def _run_components(settings: Settings, components: Sequence[str]) -> int:
@@ -202,12 +219,23 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blogpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("dev", help="run the whole pipeline in one process").set_defaults(func=cmd_dev)
+    dev = sub.add_parser("dev", help="run the whole pipeline (in one process by default)")
+    dev.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the stages and the notifier in N child processes (one core each)",
+    )
+    dev.set_defaults(func=cmd_dev)
     sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
     stage = sub.add_parser("stage", help="run one stage's subscriber")
     stage.add_argument("name", choices=STAGES)
     stage.set_defaults(func=cmd_stage)
     sub.add_parser("notifier", help="run the webhook notifier").set_defaults(func=cmd_notifier)
+    sub.add_parser(
+        "worker", help="run every stage subscriber and the notifier in one process"
+    ).set_defaults(func=cmd_worker)
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=cmd_migrate)
@@ -231,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("http://", "https://")
     ):
         parser.error("--push-endpoint must be an http(s) URL")
+    if getattr(args, "workers", 0) < 0 or getattr(args, "workers", 0) > 64:
+        parser.error("--workers must be between 0 and 64")
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -60,8 +60,9 @@ async def start_pipeline(env: Mapping[str, str]) -> Pipeline:
 class PipelineProcess:
     """``blogpipe dev`` in a real subprocess, so tests can kill -9 it."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, **env}
+        self.args = args
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{env['PORT']}"
@@ -69,7 +70,7 @@ class PipelineProcess:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; no waiting
-                [sys.executable, "-m", "blogpipe", "dev"],
+                [sys.executable, "-m", "blogpipe", "dev", *self.args],
                 cwd=REPO,
                 env=self.env,
                 stdout=log,
