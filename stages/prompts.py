@@ -8,7 +8,9 @@ travels in the user message, JSON-encoded inside a ``<blog_request>`` block with
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
+from json.encoder import encode_basestring
 from typing import Any
 
 from core.requests import BlogRequest
@@ -134,6 +136,66 @@ def content_requirements(request: BlogRequest) -> list[str]:
     return rules
 
 
+class _NotPlainJson(Exception):
+    """A value that ``json.dumps`` turns into text by rules left to it."""
+
+
+def _json_parts(value: Any, indent: str, parts: list[str]) -> None:
+    """Append ``value`` as ``json.dumps(..., ensure_ascii=False, indent=1)`` writes it."""
+    if isinstance(value, str):
+        parts.append(encode_basestring(value))
+    elif value is None:
+        parts.append("null")
+    elif value is True:
+        parts.append("true")
+    elif value is False:
+        parts.append("false")
+    elif isinstance(value, int):
+        parts.append(int.__repr__(value))
+    elif isinstance(value, float) and math.isfinite(value):
+        parts.append(float.__repr__(value))
+    elif isinstance(value, list | tuple | dict):
+        if not value:
+            parts.append("{}" if isinstance(value, dict) else "[]")
+            return
+        inner = indent + " "
+        separator = ",\n" + inner
+        if isinstance(value, dict):
+            parts.append("{\n" + inner)
+            for index, (key, item) in enumerate(value.items()):
+                if not isinstance(key, str):
+                    raise _NotPlainJson
+                if index:
+                    parts.append(separator)
+                parts.append(encode_basestring(key) + ": ")
+                _json_parts(item, inner, parts)
+            parts.append("\n" + indent + "}")
+        else:
+            parts.append("[\n" + inner)
+            for index, item in enumerate(value):
+                if index:
+                    parts.append(separator)
+                _json_parts(item, inner, parts)
+            parts.append("\n" + indent + "]")
+    else:
+        raise _NotPlainJson
+
+
+def _json(document: Any) -> str:
+    """``json.dumps(document, ensure_ascii=False, indent=1)``, about twice as fast.
+
+    With ``indent`` the standard library encodes in Python through nested generators;
+    plain JSON data (what the stages send) is written here directly, and anything else
+    (non-string keys, NaN, other types, cycles) is left to ``json.dumps`` itself.
+    """
+    parts: list[str] = []
+    try:
+        _json_parts(document, "", parts)
+    except (_NotPlainJson, RecursionError):
+        return json.dumps(document, ensure_ascii=False, indent=1)
+    return "".join(parts)
+
+
 def _escape(document: str) -> str:
     """JSON text that cannot contain a literal ``<`` (so no closing tag)."""
     return document.replace("<", "\\u003c").replace(">", "\\u003e")
@@ -155,13 +217,13 @@ def user_message(request: BlogRequest, context: Mapping[str, Any] | None = None)
     """The user message: the request as delimited data, plus optional stage context."""
     parts = [
         "<blog_request>",
-        _escape(json.dumps(request_data(request), ensure_ascii=False, indent=1)),
+        _escape(_json(request_data(request))),
         "</blog_request>",
     ]
     if context:
         parts += [
             "<context>",
-            _escape(json.dumps(dict(context), ensure_ascii=False, indent=1)),
+            _escape(_json(dict(context))),
             "</context>",
         ]
     return "\n".join(parts)
