@@ -171,9 +171,10 @@ async def worker(request: Request) -> Response:
     return JSONResponse({"job_id": str(job_id), "status": "processing", "outcome": outcome})
 
 
+# The router tries routes in order: the one clients poll goes first.
 routes = [
+    Route("/api/v1/blog/jobs/{job_id}", job_status, methods=["GET"]),
     Route("/api/v1/blog/generate-enhanced", generate_enhanced, methods=["POST"]),
     Route("/api/v1/blog/worker", worker, methods=["POST"]),
     Route("/api/v1/blog/jobs", list_jobs, methods=["GET"]),
-    Route("/api/v1/blog/jobs/{job_id}", job_status, methods=["GET"]),
 ]

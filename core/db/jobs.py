@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
+import asyncpg
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -132,16 +134,23 @@ STATUS_QUERY = (
     f"SELECT {JOB_COLUMNS}, {_UPDATES} AS updates, {_RUNS} AS runs FROM jobs WHERE id = :id"
 )
 
-# The same for polling, on asyncpg: what goes into the document unchanged (the result,
-# error, metadata and progress updates) comes back as JSON text, to be spliced into the
-# response rather than decoded and encoded again; the stage runs are decoded, since
-# ``stage_views`` reads them.
+
+def _json_bytes(expression: str) -> str:
+    """SQL for a JSON value as its UTF-8 text, arriving as bytes (no decoding into a str
+    here and encoding again in orjson)."""
+    return f"convert_to(({expression})::text, 'UTF8')"
+
+
+# The same for polling, on asyncpg, for a batch of jobs: what goes into the document
+# unchanged (the result, error, metadata and progress updates) comes back as JSON text,
+# to be spliced into the response rather than decoded and encoded again; the stage runs
+# are decoded, since ``stage_views`` reads them.
 _POLL_QUERY = f"""
-SELECT id, status, progress_percentage, current_stage, created_at, started_at, completed_at,
-  result::text, error_message, error::text, generation, metadata::text, updated_at,
-  {_UPDATES}::text AS updates, {_RUNS} AS runs
-FROM jobs WHERE id = $1"""
-_POLL_QUERY_FOR_TENANT = f"{_POLL_QUERY} AND tenant = $2"
+SELECT id, tenant, status, progress_percentage, current_stage, created_at, started_at,
+  completed_at, {_json_bytes("result")} AS result, error_message,
+  {_json_bytes("error")} AS error, generation, {_json_bytes("metadata")} AS metadata,
+  updated_at, {_json_bytes(_UPDATES)} AS updates, {_RUNS} AS runs
+FROM jobs WHERE id = ANY($1::uuid[])"""
 
 _ESTIMATE_QUERY = (
     "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM"
@@ -155,7 +164,9 @@ def iso(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with the offset written out."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat()
+    if value.tzinfo is not UTC:  # asyncpg and SQLAlchemy already hand over UTC
+        value = value.astimezone(UTC)
+    return value.isoformat()
 
 
 def encode_cursor(created_at: datetime, job_id: UUID) -> str:
@@ -179,6 +190,7 @@ class JobRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._estimate: tuple[float, float] | None = None
+        self._polls = _PollReads(engine)
 
     async def create(
         self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
@@ -255,17 +267,15 @@ class JobRepository:
         """``status_document`` for the polling endpoint, for orjson to encode: the same
         JSON, with the job's JSON columns and progress updates spliced in as fragments
         of the text Postgres wrote (so ``json.dumps`` cannot encode it)."""
-        async with raw_connection(self.engine) as conn:
-            if tenant is None:
-                row = await conn.fetchrow(_POLL_QUERY, job_id)
-            else:
-                row = await conn.fetchrow(_POLL_QUERY_FOR_TENANT, job_id, tenant)
-            if row is None:
-                return None
-            estimate = self._cached_estimate()
-            if estimate is None:
+        row = await self._polls.read(job_id)
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            return None
+        estimate = self._cached_estimate()
+        if estimate is None:
+            async with raw_connection(self.engine) as conn:
                 estimate = self._remember_estimate(await conn.fetchval(_ESTIMATE_QUERY))
         fields = dict(row)
+        del fields["tenant"]
         updates, runs = orjson.Fragment(fields.pop("updates")), fields.pop("runs")
         for name in ("result", "error", "metadata"):
             if fields[name] is not None:
@@ -326,6 +336,62 @@ class JobRepository:
         estimate = float(median) if median is not None else DEFAULT_ESTIMATE_SECONDS
         self._estimate = (estimate, time.monotonic())
         return estimate
+
+
+class _PollReads:
+    """Polls read in batches: the polls that arrive while a read is in flight wait and
+    go together in the next one, so under load one statement serves many polls (one
+    checkout, one round trip, one executor start). Each poll still reads its job after it
+    arrived: nothing is kept from one read to the next."""
+
+    def __init__(self, engine: AsyncEngine, *, readers: int = 2, batch: int = 64) -> None:
+        self.engine = engine
+        self.readers = readers
+        self.batch = batch
+        self._waiting: list[tuple[UUID, asyncio.Future[asyncpg.Record | None]]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def read(self, job_id: UUID) -> asyncpg.Record | None:
+        """The job's polling row (whatever its tenant), or None when there is no such job."""
+        future: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job_id, future))
+        if self._running < self.readers:
+            self._running += 1
+            task = asyncio.create_task(self._read_while_waiting())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _read_while_waiting(self) -> None:
+        # The count drops in the same step that finds nobody waiting, so a poll that
+        # arrives later always finds a reader running or starts one.
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.batch], self._waiting[self.batch :]
+                await self._read_batch(batch)
+        finally:
+            self._running -= 1
+
+    async def _read_batch(
+        self, batch: list[tuple[UUID, asyncio.Future[asyncpg.Record | None]]]
+    ) -> None:
+        try:
+            async with raw_connection(self.engine) as conn:
+                rows = await conn.fetch(_POLL_QUERY, list({job_id for job_id, _ in batch}))
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        found = {row["id"]: row for row in rows}
+        for job_id, future in batch:
+            if not future.done():
+                future.set_result(found.get(job_id))
 
 
 def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:

@@ -238,3 +238,59 @@ async def test_another_tenants_job_is_not_found(engine: AsyncEngine) -> None:
     assert theirs.json() == {"detail": f"Job {job_id} not found"}
     assert missing.status_code == 404
     assert await JobRepository(engine).poll_document(job_id, tenant="globex") is None
+
+
+async def test_concurrent_polls_each_get_their_own_answer(engine: AsyncEngine) -> None:
+    jobs = JobRepository(engine)
+    acme = [await create_job(engine, tenant="acme") for _ in range(3)]
+    globex = await create_job(engine, tenant="globex")
+    await set_state(engine, acme[1], "processing")
+    polls: list[tuple[UUID, str]] = [
+        *[(job_id, "acme") for job_id in acme * 5],
+        (globex, "globex"),
+        (globex, "acme"),
+        (uuid.uuid4(), "acme"),
+    ]
+
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(jobs.poll_document(job_id, tenant=tenant) for job_id, tenant in polls)),
+        TIMEOUT,
+    )
+
+    for (job_id, tenant), answer in zip(polls, answers, strict=True):
+        if tenant == "acme" and job_id in acme:
+            assert answer is not None and as_json(answer)["job_id"] == str(job_id)
+        elif job_id == globex and tenant == "globex":
+            assert answer is not None and as_json(answer)["job_id"] == str(globex)
+        else:
+            assert answer is None
+    assert {as_json(answer)["status"] for answer in answers[:15] if answer} == {
+        "queued",
+        "processing",
+    }
+
+
+async def test_a_cancelled_poll_leaves_the_others_answered(engine: AsyncEngine) -> None:
+    jobs = JobRepository(engine)
+    job_id = await create_job(engine)
+    polls = [asyncio.ensure_future(jobs.poll_document(job_id)) for _ in range(8)]
+    await asyncio.sleep(0)  # one turn of the loop: every poll has queued for the same read
+    polls[3].cancel()
+
+    done = await asyncio.wait_for(asyncio.gather(*polls, return_exceptions=True), TIMEOUT)
+
+    assert isinstance(done[3], asyncio.CancelledError)
+    assert all(isinstance(answer, dict) for n, answer in enumerate(done) if n != 3)
+    later = await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT)
+    assert later is not None and as_json(later)["job_id"] == str(job_id)
+
+
+async def test_a_poll_sees_a_change_committed_before_it(engine: AsyncEngine) -> None:
+    jobs = JobRepository(engine)
+    job_id = await create_job(engine)
+    first = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
+    await set_state(engine, job_id, "processing")
+
+    second = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
+
+    assert (first["status"], second["status"]) == ("queued", "processing")
