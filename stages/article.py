@@ -88,7 +88,7 @@ def compose_article(
     primary = request.keywords[0]
     heading_list = list(doc.headings)
     link_list = [{"text": link.text, "url": link.url} for link in doc.links]
-    word_total = len(doc.words)
+    word_total = doc.word_count
     flesch = readability(doc)
     meta_title = fit_meta_title(copy.meta_title, title, primary)
     meta_description = fit_meta_description(copy.meta_description, doc, primary)

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stages.markdown_doc import Heading, MarkdownDoc, phrase_pattern, plain_text, slugify, words
+from stages.markdown_doc import (
+    Heading,
+    MarkdownDoc,
+    phrase_pattern,
+    plain_text,
+    slugify,
+    word_total,
+)
 from stages.reading_ease import flesch_reading_ease
 
 META_TITLE_MAX = 60
@@ -25,7 +32,7 @@ _SLUG_STOPWORDS = frozenset(
 def readability(markdown: str | MarkdownDoc) -> float:
     """Flesch reading ease of the prose (Markdown, URLs and citation marks stripped)."""
     doc = MarkdownDoc.of(markdown)
-    if not doc.words:
+    if not doc.word_count:
         return 0.0
     return round(float(flesch_reading_ease(doc.plain_text)), 1)
 
@@ -97,7 +104,7 @@ def count_phrase(text: str, phrase: str) -> int:
 
 def keyword_density(text: str, phrase: str) -> float:
     """Occurrences of ``phrase`` per 100 words of ``text``."""
-    return _density(count_phrase(text, phrase), len(words(text)))
+    return _density(count_phrase(text, phrase), word_total(text))
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ def analyse_keywords(
 ) -> KeywordFacts:
     """Keyword placement and density over the article's plain text."""
     doc = MarkdownDoc.of(markdown)
-    total = len(doc.words)
+    total = doc.word_count
     primary = keywords[0]
     first = doc.paragraphs[:1]
     return KeywordFacts(
