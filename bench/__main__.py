@@ -82,7 +82,7 @@ def _scenario(
     runners: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "ceiling": lambda: ceiling(dbs, options.jobs),
         "throughput": lambda: throughput(dbs, workdir, options.jobs),
-        "throughput-scaled": lambda: throughput(dbs, workdir, options.jobs, stage_processes=1),
+        "throughput-scaled": lambda: throughput(dbs, workdir, options.jobs, 2),
         "throughput-gcp": lambda: throughput_gcp(dbs, workdir, options.gcp_jobs),
         "concurrency": lambda: concurrency(dbs, workdir, options.concurrency_jobs, options.delay),
         "polling": lambda: polling(

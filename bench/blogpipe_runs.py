@@ -21,7 +21,6 @@ from bench.infra import (
     wait_until_ready,
 )
 from bench.load import run_jobs, run_one_at_a_time
-from core.constants import STAGES
 
 WARMUP_JOBS = 5
 
@@ -71,36 +70,24 @@ class Processes:
 
 @contextlib.asynccontextmanager
 async def running_blogpipe(
-    dbs: Databases, workdir: Path, name: str, *, stage_processes: int = 0, **overrides: str
+    dbs: Databases, workdir: Path, name: str, workers: int = 0, /, **overrides: str
 ) -> AsyncIterator[tuple[Processes, str]]:
-    """A fresh database and ``blogpipe dev`` on it, with ``stage_processes`` extra
-    ``blogpipe stage <name>`` processes per stage sharing the subscriptions (the way
-    stages scale out); yields the processes and the API's base URL."""
+    """A fresh database and ``blogpipe dev`` on it — with ``workers`` > 0, ``blogpipe dev
+    --workers N``: the API in the dev process and the stages and the notifier in N child
+    processes sharing the subscriptions (the way they scale out). Yields the processes
+    (RSS counts the children too) and the API's base URL."""
     db_url = await dbs.fresh()
     port = int(overrides.get("PORT") or free_port())
     env = blogpipe_env(db_url, port, workdir / "data", **overrides)
-    argv = [python(), "-m", "blogpipe", "dev"]
+    argv = [python(), "-m", "blogpipe", "dev", "--workers", str(workers)]
     child = Child(argv, env, workdir / f"{name}.log", name=f"blogpipe dev ({name})")
-    children = [child]
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_until_ready(child, f"{base}/readyz")
-        for n in range(stage_processes):
-            for stage in STAGES:
-                children.append(
-                    Child(
-                        [python(), "-m", "blogpipe", "stage", stage],
-                        env,
-                        workdir / f"{name}-{stage}-{n}.log",
-                        name=f"blogpipe stage {stage}",
-                    )
-                )
-        for each in children:
-            each.start_sampling()
-        yield Processes(children), base
+        child.start_sampling()
+        yield Processes([child]), base
     finally:
-        for each in children:
-            await each.stop()
+        await child.stop()
         await dbs.drop(db_url)
 
 
@@ -115,20 +102,18 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
 
 
 async def throughput(
-    dbs: Databases, workdir: Path, jobs: int, *, stage_processes: int = 0, **overrides: str
+    dbs: Databases, workdir: Path, jobs: int, workers: int = 0, /, **overrides: str
 ) -> dict[str, Any]:
     """``jobs`` submitted over HTTP as fast as they are accepted; first submit → last webhook."""
     async with (
         receiver() as hook,
-        running_blogpipe(
-            dbs, workdir, "throughput", stage_processes=stage_processes, **overrides
-        ) as (child, base),
+        running_blogpipe(dbs, workdir, "throughput", workers, **overrides) as (child, base),
     ):
         await run_jobs(base, hook, WARMUP_JOBS, within=60)
         figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
-        figures["processes"] = len(child.children)
+        figures["processes"] = 1 + workers
     return figures
 
 
