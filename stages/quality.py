@@ -21,6 +21,7 @@ _BOILERPLATE = re.compile(
 _REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)
 _REFERENCES = re.compile(rf"^##\s+{REFERENCES_HEADING}\s*$", re.MULTILINE)
 _WORD_RUN = re.compile(r"\w+")
+_TOKEN_EDGE = '.,;:!?"()[]'
 MIN_READING_EASE = 30.0
 """Flesch reading ease below this is "very difficult" (academic papers)."""
 
@@ -71,9 +72,20 @@ def check_citations(markdown: str) -> list[str]:
 
 def normalise_paragraph(paragraph: str) -> str:
     """Lowercase words only, without citation markers: what "the same paragraph" means."""
-    # The word runs joined by one space: what replacing the other runs by a space and
-    # stripping gives, without a replacement per space.
-    return " ".join(_WORD_RUN.findall(CITATION.sub("", paragraph).lower()))
+    if "[" in paragraph:
+        paragraph = CITATION.sub("", paragraph)
+    # The word runs joined by one space (what replacing the other runs by a space and
+    # stripping gives). Runs never span whitespace, and a token that is all letters and
+    # digits once punctuation is stripped off its ends is one run: no regex needed.
+    runs: list[str] = []
+    for token in paragraph.lower().split():
+        if token.isalnum():
+            runs.append(token)
+        elif (core := token.strip(_TOKEN_EDGE)).isalnum():
+            runs.append(core)
+        else:
+            runs += _WORD_RUN.findall(token)
+    return " ".join(runs)
 
 
 def check_duplicates(markdown: str | MarkdownDoc, min_chars: int = 40) -> list[str]:
