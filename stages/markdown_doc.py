@@ -241,8 +241,8 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
-_TOKEN_EDGE = '.,;:!?"()[]'
-"""Characters that are neither letters, digits nor word joiners, stripped off tokens."""
+TOKEN_EDGE = '.,;:!?"()[]'
+"""Punctuation that is neither a letter, digit, ``_`` nor a word joiner (``'’-``)."""
 
 
 def word_total(text: str) -> int:
@@ -254,7 +254,7 @@ def word_total(text: str) -> int:
     """
     total = 0
     for token in text.split():
-        if token.isalnum() or token.strip(_TOKEN_EDGE).isalnum():
+        if token.isalnum() or token.strip(TOKEN_EDGE).isalnum():
             total += 1
         else:
             total += len(_WORD.findall(token))

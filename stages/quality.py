@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stages.citations import REFERENCES_HEADING
-from stages.markdown_doc import CITATION, Heading, MarkdownDoc
+from stages.markdown_doc import CITATION, TOKEN_EDGE, Heading, MarkdownDoc
 
 # The look-ahead names the first letters of the phrases after "\b", so that the match is
 # tried at few word boundaries (case-insensitive regexes get no faster search).
@@ -21,7 +21,6 @@ _BOILERPLATE = re.compile(
 _REFERENCE_ITEM = re.compile(r"^\s*(\d{1,3})[.)]\s+", re.MULTILINE)
 _REFERENCES = re.compile(rf"^##\s+{REFERENCES_HEADING}\s*$", re.MULTILINE)
 _WORD_RUN = re.compile(r"\w+")
-_TOKEN_EDGE = '.,;:!?"()[]'
 MIN_READING_EASE = 30.0
 """Flesch reading ease below this is "very difficult" (academic papers)."""
 
@@ -81,7 +80,7 @@ def normalise_paragraph(paragraph: str) -> str:
     for token in paragraph.lower().split():
         if token.isalnum():
             runs.append(token)
-        elif (core := token.strip(_TOKEN_EDGE)).isalnum():
+        elif (core := token.strip(TOKEN_EDGE)).isalnum():
             runs.append(core)
         else:
             runs += _WORD_RUN.findall(token)
