@@ -164,9 +164,7 @@ def iso(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with the offset written out."""
     if value is None:
         return None
-    if value.tzinfo is not UTC:  # asyncpg and SQLAlchemy already hand over UTC
-        value = value.astimezone(UTC)
-    return value.isoformat()
+    return value.astimezone(UTC).isoformat()
 
 
 def encode_cursor(created_at: datetime, job_id: UUID) -> str:
