@@ -7,8 +7,9 @@ and the signatures are joined with spaces, as the spec allows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
@@ -23,6 +24,7 @@ class Signer:
     """Signs webhook bodies with one or more active ``whsec_`` secrets (newest first)."""
 
     secrets: tuple[str, ...]
+    _keys: tuple[Webhook, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.secrets:
@@ -30,18 +32,19 @@ class Signer:
         for secret in self.secrets:
             if not secret.startswith(SECRET_PREFIX):
                 raise ConfigError("webhook secrets must be Standard Webhooks secrets ('whsec_…')")
-        # Fail at start-up, not on the first delivery, when a secret is not valid base64.
+        # Fail at start-up, not on the first delivery, when a secret is not valid base64;
+        # the decoded keys are kept for signing.
         try:
-            for secret in self.secrets:
-                Webhook(secret)
+            keys = tuple(Webhook(secret) for secret in self.secrets)
         except Exception as exc:
             raise ConfigError(f"a webhook secret is not valid base64: {exc}") from exc
+        object.__setattr__(self, "_keys", keys)
 
     @classmethod
     def from_secrets(cls, secret: str | None, previous: Sequence[str] = ()) -> Signer:
         """A signer for ``secret`` plus still-active ``previous`` secrets (rotation overlap)."""
         ordered = [s for s in (secret, *previous) if s]
-        return cls(tuple(dict.fromkeys(ordered)))
+        return _signer(tuple(dict.fromkeys(ordered)))
 
     def for_endpoint(
         self,
@@ -61,7 +64,7 @@ class Signer:
     def signature(self, msg_id: str, timestamp: datetime, body: str) -> str:
         """The ``webhook-signature`` value: one ``v1,<base64>`` per secret, space-separated."""
         when = utc(timestamp)
-        return " ".join(Webhook(secret).sign(msg_id, when, body) for secret in self.secrets)
+        return " ".join(key.sign(msg_id, when, body) for key in self._keys)
 
     def headers(
         self, msg_id: str, body: str, *, timestamp: datetime | None = None
@@ -73,6 +76,13 @@ class Signer:
             "webhook-timestamp": str(int(when.timestamp())),
             "webhook-signature": self.signature(msg_id, when, body),
         }
+
+
+@functools.lru_cache(maxsize=256)
+def _signer(secrets: tuple[str, ...]) -> Signer:
+    # A signer never changes, so one per set of secrets serves every delivery signed
+    # with them (endpoint signers are asked for on every attempt).
+    return Signer(secrets)
 
 
 def utc(value: datetime) -> datetime:
