@@ -21,15 +21,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.broker import Broker, Delivery, SubscriptionSpec
 from core.constants import EVENTS_TOPIC, FINISHED_STATUSES, NOTIFIER_SUBSCRIPTION
-from core.db.jobs import JobRepository
+from core.db.jobs import DEFAULT_ESTIMATE_SECONDS, JobRepository
 from core.db.webhooks import (
     FAILED,
     PENDING,
     PROGRESS_EVENT,
     SUCCEEDED,
+    ClaimedDelivery,
     DeliveryRepository,
+    EndpointSecrets,
+    Health,
     NewDelivery,
     WebhookDelivery,
+    WebhookEndpoint,
 )
 from core.events import JobEvent
 from core.requests import DEFAULT_CALLBACK_EVENTS
@@ -148,8 +152,8 @@ class Notifier:
 
     async def enqueue(self, event: JobEvent) -> WebhookDelivery | None:
         """Store the delivery for ``event`` if the job wants it; None if it does not."""
-        job = await self.jobs.get(event.job_id)
-        if job is None:
+        found = await self.deliveries.event_job(event.job_id)
+        if found is None:
             logger.warning(
                 "Job %s of event %s not found; no webhook",
                 event.job_id,
@@ -157,6 +161,7 @@ class Notifier:
                 extra={"action": "webhook_job_missing", "job_id": str(event.job_id)},
             )
             return None
+        job = found.job
         wanted = job.callback_events or list(DEFAULT_CALLBACK_EVENTS)
         if not job.callback_url or event.type not in wanted:
             return None
@@ -168,9 +173,11 @@ class Notifier:
                 extra={"action": "webhook_progress_skipped", "job_id": str(job.id)},
             )
             return None
-        document = await self.jobs.status_document(job.id)
-        if document is None:
-            return None
+        # A finished job's document has no time remaining: only others need the estimate.
+        estimate = DEFAULT_ESTIMATE_SECONDS
+        if job.status not in FINISHED_STATUSES:
+            estimate = await self.jobs.estimated_seconds()
+        document = found.document(estimate)
         payload = build_payload(
             event.type, event.occurred_at, document, public_base_url=self.settings.public_base_url
         )
@@ -224,13 +231,13 @@ class Notifier:
 
     async def deliver_due(self) -> int:
         """One sweep: claim the due deliveries and make one attempt each; return how many."""
-        claimed = await self.deliveries.claim_due(
+        claimed = await self.deliveries.claim_for_sending(
             limit=self.batch_size, lease_seconds=self.lease_seconds
         )
         outcomes = await asyncio.gather(
-            *(self._attempt(delivery) for delivery in claimed), return_exceptions=True
+            *(self._attempt(c) for c in claimed), return_exceptions=True
         )
-        for delivery, outcome in zip(claimed, outcomes, strict=True):
+        for delivery, outcome in zip((c.delivery for c in claimed), outcomes, strict=True):
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if isinstance(outcome, BaseException):
@@ -244,9 +251,10 @@ class Notifier:
                 )
         return len(claimed)
 
-    async def _attempt(self, delivery: WebhookDelivery) -> None:
+    async def _attempt(self, claimed: ClaimedDelivery) -> None:
+        delivery = claimed.delivery
         try:
-            signer = await self._signer_for(delivery)
+            signer = self._signer_for(claimed.secrets)
             body = encode_body(delivery.payload)
             headers = signer.headers(delivery.message_id, body)
             result = await self.sender.post(delivery.url, body, headers)
@@ -257,10 +265,13 @@ class Notifier:
             logger.exception("Webhook attempt %s crashed", delivery.id)
             result = SendResult(delivery.url, error=f"internal error: {type(exc).__name__}: {exc}")
         status, retry_in = self._decide(delivery, result)
-        recorded = await self.deliveries.record_attempt(
-            delivery, result.outcome(), status=status, retry_in=retry_in
+        health: Health | None = None
+        if not result.blocked:
+            health = "success" if result.ok else "failure"
+        settlement = await self.deliveries.settle(
+            delivery, result.outcome(), status=status, retry_in=retry_in, health=health
         )
-        if not recorded:
+        if not settlement.recorded:
             logger.warning(
                 "Lost the lease on webhook %s; another sender took it over",
                 delivery.id,
@@ -268,8 +279,8 @@ class Notifier:
             )
             return
         self._log_attempt(delivery, result, status, retry_in)
-        if not result.blocked:
-            await self._note_health(delivery, result)
+        if settlement.endpoint is not None:
+            await self._after_failure(delivery, result, settlement.endpoint)
         if status != PENDING:
             self.wake()  # a settled delivery may unblock the next event of its job
 
@@ -282,11 +293,10 @@ class Notifier:
         retry_in = self.policy.delay_after(delivery.attempt_count, retry_after=retry_after)
         return (FAILED, None) if retry_in is None else (PENDING, retry_in)
 
-    async def _note_health(self, delivery: WebhookDelivery, result: SendResult) -> None:
-        if result.ok:
-            await self.deliveries.note_endpoint_success(delivery.tenant, delivery.url)
-            return
-        endpoint = await self.deliveries.note_endpoint_failure(delivery.tenant, delivery.url)
+    async def _after_failure(
+        self, delivery: WebhookDelivery, result: SendResult, endpoint: WebhookEndpoint
+    ) -> None:
+        """Disable an endpoint that keeps failing (its failure run is already counted)."""
         if endpoint.disabled:  # disabled meanwhile: what this attempt re-scheduled waits too
             await self.deliveries.hold_pending(delivery.tenant, delivery.url)
             return
@@ -318,12 +328,11 @@ class Notifier:
             },
         )
 
-    async def _signer_for(self, delivery: WebhookDelivery) -> Signer:
-        endpoint = await self.deliveries.endpoint(delivery.tenant, delivery.url)
-        if endpoint is None:
+    def _signer_for(self, secrets: EndpointSecrets | None) -> Signer:
+        if secrets is None:
             return self.signer
         return self.signer.for_endpoint(
-            endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_expires_at
+            secrets.secret, secrets.previous_secret, secrets.previous_secret_expires_at
         )
 
     def _log_attempt(

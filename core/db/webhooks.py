@@ -7,20 +7,28 @@ The retry schedule is durable: a delivery's next attempt time lives in
 attempt twice and a crashed sender's delivery is retried once its lease runs out. The
 attempt number doubles as a fencing token: a sender whose lease was taken over cannot
 record over the newer attempt.
+
+What runs for every delivery (reading the event's job, storing the delivery, claiming,
+settling an attempt) runs on the asyncpg hot pool, one statement each
+(``core.db.webhook_sql``); the operator's reads and actions stay on SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Literal
 from uuid import UUID
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.db import webhook_sql as sql
+from core.db.jobs import JobRecord, status_document
+from core.db.raw import raw_connection
+from core.db.webhook_sql import ATTEMPT_COLUMNS, DELIVERY_COLUMNS, ENDPOINT_COLUMNS
 
 PENDING: Final = "pending"
 SENDING: Final = "sending"
@@ -33,19 +41,9 @@ EXCERPT_LIMIT: Final = 2048
 
 _NAMESPACE: Final = UUID("6f0c7a52-8d0e-4f53-9a53-3b1c1b7e2c11")
 
-DELIVERY_COLUMNS = (
-    "id, job_id, tenant, event_id, event_type, url, payload, status, attempt_count,"
-    " next_attempt_at, last_status_code, last_error, created_at, updated_at, delivered_at,"
-    " occurred_at, trigger"
-)
-ATTEMPT_COLUMNS = (
-    "id, delivery_id, attempt, trigger, url, status_code, latency_ms, error, response_excerpt,"
-    " created_at"
-)
-ENDPOINT_COLUMNS = (
-    "tenant, url, status, consecutive_failures, failing_since, disabled_at, disabled_reason,"
-    " secret, previous_secret, previous_secret_expires_at"
-)
+
+Health = Literal["success", "failure"]
+"""How an attempt counts for its endpoint's health (a refused one does not count)."""
 
 
 def delivery_id_for(event_id: str) -> UUID:
@@ -171,6 +169,45 @@ class WebhookEndpoint:
 
 
 @dataclass(frozen=True)
+class EndpointSecrets:
+    """An endpoint's own signing secrets, as read when its delivery was claimed."""
+
+    secret: str | None
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery claimed for one attempt, with its endpoint's secrets (None: no row)."""
+
+    delivery: WebhookDelivery
+    secrets: EndpointSecrets | None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What settling an attempt did: whether it was recorded (the lease was still held)
+    and, when it counted as a failure, the endpoint's health after it."""
+
+    recorded: bool
+    endpoint: WebhookEndpoint | None = None
+
+
+@dataclass(frozen=True)
+class EventJob:
+    """The job a webhook event is about, with its progress updates and stage runs."""
+
+    job: JobRecord
+    updates: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+
+    def document(self, estimated_total: float) -> dict[str, Any]:
+        """The job's status document, as polling returns it."""
+        return status_document(self.job, self.updates, self.runs, estimated_total)
+
+
+@dataclass(frozen=True)
 class NewDelivery:
     """A delivery to store for an event."""
 
@@ -187,6 +224,13 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+_GET_DELIVERY = f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"
+
+
+def _delivery(row: Mapping[str, Any]) -> WebhookDelivery:
+    return WebhookDelivery(**dict(row))
+
+
 def _clean(value: str | None, limit: int) -> str | None:
     # Postgres text cannot hold NUL; excerpts and errors are bounded.
     return value[:limit].replace("\x00", "") if value is not None else None
@@ -198,6 +242,16 @@ class DeliveryRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
+    async def event_job(self, job_id: UUID) -> EventJob | None:
+        """The job an event is about (whatever its tenant), or None if it is gone."""
+        async with raw_connection(self.engine) as conn:
+            row = await conn.fetchrow(sql.EVENT_JOB.sql, *sql.EVENT_JOB.args(id=job_id))
+        if row is None:
+            return None
+        fields = dict(row)
+        updates, runs = fields.pop("updates"), fields.pop("runs")
+        return EventJob(JobRecord(**fields), updates, runs)
+
     async def create(self, new: NewDelivery) -> tuple[WebhookDelivery, bool]:
         """Store a delivery for an event once; return it and whether it was new.
 
@@ -206,58 +260,28 @@ class DeliveryRepository:
         progress is never sent after a later event. A disabled endpoint gets ``held`` ones.
         """
         delivery_id = delivery_id_for(new.event_id)
-        async with self.engine.begin() as conn:
-            existing = await self._get(conn, delivery_id)
-            if existing is not None:
-                return existing, False
-            endpoint = await self._ensure_endpoint(conn, new.tenant, new.url)
-            status = HELD if endpoint.disabled else PENDING
-            if new.event_type == PROGRESS_EVENT and await self._has_later(conn, new):
-                status = SKIPPED
-            row = (
-                await conn.execute(
-                    text(
-                        "INSERT INTO webhook_deliveries (id, job_id, tenant, event_id, event_type,"
-                        " url, payload, status, next_attempt_at, occurred_at, last_error)"
-                        " VALUES (:id, :job_id, :tenant, :event_id, :event_type, :url, :payload,"
-                        " :status, CASE WHEN :status = 'pending' THEN now() END, :occurred_at,"
-                        " CASE WHEN :status = 'skipped' THEN 'superseded by a later event' END)"
-                        f" ON CONFLICT (event_id) DO NOTHING RETURNING {DELIVERY_COLUMNS}"
-                    ),
-                    {
-                        "id": delivery_id,
-                        "job_id": new.job_id,
-                        "tenant": new.tenant,
-                        "event_id": new.event_id,
-                        "event_type": new.event_type,
-                        "url": new.url,
-                        "payload": orjson.dumps(new.payload).decode(),
-                        "status": status,
-                        "occurred_at": new.occurred_at,
-                    },
-                )
-            ).first()
-            if row is None:  # a concurrent handler stored it first
-                found = await self._get(conn, delivery_id)
-                assert found is not None
-                return found, False
-            await conn.execute(
-                text(
-                    "UPDATE webhook_deliveries SET status = 'skipped', next_attempt_at = NULL,"
-                    " last_error = 'superseded by a later event', updated_at = now()"
-                    " WHERE id IN (SELECT id FROM webhook_deliveries WHERE job_id = :job_id"
-                    " AND url = :url AND event_type = 'job.progress'"
-                    " AND status IN ('pending', 'held') AND occurred_at <= :occurred_at"
-                    " AND id <> :id FOR UPDATE SKIP LOCKED)"
+        statement = sql.CREATE
+        async with raw_connection(self.engine) as conn:
+            row = await conn.fetchrow(
+                statement.sql,
+                *statement.args(
+                    id=delivery_id,
+                    job_id=new.job_id,
+                    tenant=new.tenant,
+                    event_id=new.event_id,
+                    event_type=new.event_type,
+                    url=new.url,
+                    payload=new.payload,
+                    occurred_at=new.occurred_at,
                 ),
-                {
-                    "job_id": new.job_id,
-                    "url": new.url,
-                    "occurred_at": new.occurred_at,
-                    "id": delivery_id,
-                },
             )
-            return WebhookDelivery(**dict(row._mapping)), True
+            if row is None:  # a concurrent handler stored it first
+                row = await conn.fetchrow(_GET_DELIVERY, delivery_id)
+                assert row is not None
+                return _delivery(row), False
+        fields = dict(row)
+        created = fields.pop("created")
+        return WebhookDelivery(**fields), created
 
     async def claim_due(self, *, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
         """Claim up to ``limit`` due deliveries for one attempt each, for ``lease_seconds``.
@@ -265,37 +289,32 @@ class DeliveryRepository:
         A delivery waits while an earlier delivery of the same job and endpoint is
         unsettled, so one job's events reach the receiver in order.
         """
-        query = text(
-            "UPDATE webhook_deliveries d SET status = 'sending',"
-            " attempt_count = d.attempt_count + 1, updated_at = now(),"
-            " next_attempt_at = now() + make_interval(secs => :lease)"
-            " WHERE d.id IN (SELECT c.id FROM webhook_deliveries c"
-            "   WHERE c.status IN ('pending', 'sending') AND c.next_attempt_at <= now()"
-            "   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.job_id = c.job_id"
-            "     AND e.url = c.url AND e.status IN ('pending', 'sending', 'held')"
-            "     AND (e.occurred_at, e.created_at, e.id) < (c.occurred_at, c.created_at, c.id))"
-            # A disabled endpoint gets only the attempts an operator asks for.
-            "   AND (c.trigger <> 'schedule' OR NOT EXISTS (SELECT 1 FROM webhook_endpoints w"
-            "     WHERE w.tenant = c.tenant AND w.url = c.url AND w.status = 'disabled'))"
-            "   ORDER BY c.next_attempt_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)"
-            f" RETURNING {DELIVERY_COLUMNS}"
-        )
-        async with self.engine.begin() as conn:
-            rows = await conn.execute(query, {"limit": limit, "lease": lease_seconds})
-            claimed = [WebhookDelivery(**dict(row._mapping)) for row in rows]
-        return sorted(claimed, key=lambda d: (d.occurred_at, d.created_at))
+        claimed = await self.claim_for_sending(limit=limit, lease_seconds=lease_seconds)
+        return [c.delivery for c in claimed]
+
+    async def claim_for_sending(self, *, limit: int, lease_seconds: float) -> list[ClaimedDelivery]:
+        """``claim_due``, with the secrets each delivery's endpoint signs with."""
+        statement = sql.CLAIM
+        async with raw_connection(self.engine) as conn:
+            rows = await conn.fetch(
+                statement.sql, *statement.args(limit=limit, lease=lease_seconds)
+            )
+        claimed = []
+        for row in rows:
+            fields = dict(row)
+            secrets = {name: fields.pop(name) for name in sql.SECRET_COLUMNS}
+            has_row = any(value is not None for value in secrets.values())
+            claimed.append(
+                ClaimedDelivery(
+                    WebhookDelivery(**fields), EndpointSecrets(**secrets) if has_row else None
+                )
+            )
+        return claimed
 
     async def seconds_until_due(self) -> float | None:
         """Seconds until the earliest pending (or leased) delivery is due; None when idle."""
-        async with self.engine.connect() as conn:
-            value = (
-                await conn.execute(
-                    text(
-                        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())"
-                        " FROM webhook_deliveries WHERE status IN ('pending', 'sending')"
-                    )
-                )
-            ).scalar()
+        async with raw_connection(self.engine) as conn:
+            value = await conn.fetchval(sql.SECONDS_UNTIL_DUE.sql)
         return max(0.0, float(value)) if value is not None else None
 
     async def record_attempt(
@@ -311,49 +330,45 @@ class DeliveryRepository:
 
         Returns False, logging nothing, when the lease was lost to another sender.
         """
-        async with self.engine.begin() as conn:
-            settled = (
-                await conn.execute(
-                    text(
-                        "UPDATE webhook_deliveries SET status = :status, updated_at = now(),"
-                        " last_status_code = :code, last_error = :error,"
-                        " next_attempt_at = CASE WHEN :status = 'pending'"
-                        "   THEN now() + make_interval(secs => :retry_in) END,"
-                        " delivered_at = CASE WHEN :status = 'succeeded' THEN now()"
-                        "   ELSE delivered_at END,"
-                        " trigger = CASE WHEN :status = 'pending' THEN trigger ELSE 'schedule' END"
-                        " WHERE id = :id AND status = 'sending' AND attempt_count = :attempt"
-                    ),
-                    {
-                        "id": delivery.id,
-                        "attempt": delivery.attempt_count,
-                        "status": status,
-                        "code": outcome.status_code,
-                        "error": _clean(outcome.error, 1000),
-                        "retry_in": float(retry_in or 0.0),
-                    },
-                )
-            ).rowcount
-            if not settled:
-                return False
-            await conn.execute(
-                text(
-                    "INSERT INTO webhook_attempts (delivery_id, attempt, trigger, url, status_code,"
-                    " latency_ms, error, response_excerpt) VALUES (:delivery_id, :attempt,"
-                    " :trigger, :url, :status_code, :latency_ms, :error, :excerpt)"
+        settlement = await self.settle(delivery, outcome, status=status, retry_in=retry_in)
+        return settlement.recorded
+
+    async def settle(
+        self,
+        delivery: WebhookDelivery,
+        outcome: AttemptOutcome,
+        *,
+        status: str,
+        retry_in: float | None,
+        health: Health | None = None,
+    ) -> Settlement:
+        """``record_attempt``, counting the attempt for or against the endpoint's health in
+        the same statement: a success ends a failure run, a failure extends it."""
+        error = _clean(outcome.error, 1000)
+        statement = sql.SETTLE
+        async with raw_connection(self.engine) as conn:
+            row = await conn.fetchrow(
+                statement.sql,
+                *statement.args(
+                    id=delivery.id,
+                    attempt=delivery.attempt_count,
+                    status=status,
+                    code=outcome.status_code,
+                    error=error,
+                    retry_in=float(retry_in or 0.0),
+                    trigger=delivery.trigger,
+                    attempt_url=outcome.url,
+                    latency_ms=outcome.latency_ms,
+                    excerpt=_clean(outcome.response_excerpt, EXCERPT_LIMIT),
+                    tenant=delivery.tenant,
+                    url=delivery.url,
+                    health=health or "none",
                 ),
-                {
-                    "delivery_id": delivery.id,
-                    "attempt": delivery.attempt_count,
-                    "trigger": delivery.trigger,
-                    "url": outcome.url,
-                    "status_code": outcome.status_code,
-                    "latency_ms": outcome.latency_ms,
-                    "error": _clean(outcome.error, 1000),
-                    "excerpt": _clean(outcome.response_excerpt, EXCERPT_LIMIT),
-                },
             )
-        return True
+        endpoint = None
+        if row["tenant"] is not None:
+            endpoint = WebhookEndpoint(**{k: v for k, v in row.items() if k != "recorded"})
+        return Settlement(row["recorded"], endpoint)
 
     async def release(self, delivery: WebhookDelivery) -> None:
         """Hand a claimed delivery back unsent (shutdown): due now, attempt not counted."""
@@ -455,35 +470,6 @@ class DeliveryRepository:
         async with self.engine.connect() as conn:
             return await self._select_endpoint(conn, tenant, url)
 
-    async def note_endpoint_success(self, tenant: str, url: str) -> None:
-        """End an endpoint's failure run (writes only when there is one: the hot path)."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "UPDATE webhook_endpoints SET consecutive_failures = 0, failing_since = NULL,"
-                    " updated_at = now() WHERE tenant = :tenant AND url = :url"
-                    " AND (consecutive_failures <> 0 OR failing_since IS NOT NULL)"
-                ),
-                {"tenant": tenant, "url": url},
-            )
-
-    async def note_endpoint_failure(self, tenant: str, url: str) -> WebhookEndpoint:
-        """Count a failed attempt against an endpoint; return its health after it."""
-        async with self.engine.begin() as conn:
-            await self._insert_endpoint(conn, tenant, url)
-            row = (
-                await conn.execute(
-                    text(
-                        "UPDATE webhook_endpoints SET updated_at = now(),"
-                        " consecutive_failures = consecutive_failures + 1,"
-                        " failing_since = coalesce(failing_since, now())"
-                        f" WHERE tenant = :tenant AND url = :url RETURNING {ENDPOINT_COLUMNS}"
-                    ),
-                    {"tenant": tenant, "url": url},
-                )
-            ).one()
-        return WebhookEndpoint(**dict(row._mapping))
-
     async def disable_endpoint(self, tenant: str, url: str, reason: str) -> int:
         """Disable an endpoint and hold its unsent deliveries; return how many were held."""
         async with self.engine.begin() as conn:
@@ -576,16 +562,6 @@ class DeliveryRepository:
         )
         return [WebhookAttempt(**dict(row._mapping)) for row in rows]
 
-    async def _has_later(self, conn: AsyncConnection, new: NewDelivery) -> bool:
-        found = await conn.execute(
-            text(
-                "SELECT 1 FROM webhook_deliveries WHERE job_id = :job_id AND url = :url"
-                " AND occurred_at > :occurred_at LIMIT 1"
-            ),
-            {"job_id": new.job_id, "url": new.url, "occurred_at": new.occurred_at},
-        )
-        return found.first() is not None
-
     async def _insert_endpoint(self, conn: AsyncConnection, tenant: str, url: str) -> None:
         await conn.execute(
             text(
@@ -595,24 +571,14 @@ class DeliveryRepository:
             {"tenant": tenant, "url": url},
         )
 
-    async def _ensure_endpoint(
-        self, conn: AsyncConnection, tenant: str, url: str
-    ) -> WebhookEndpoint:
-        """The endpoint row, created if missing and share-locked for this transaction, so a
-        concurrent ``disable_endpoint`` is ordered before or after it, never in between."""
-        await self._insert_endpoint(conn, tenant, url)
-        endpoint = await self._select_endpoint(conn, tenant, url, lock=" FOR SHARE")
-        assert endpoint is not None  # inserted just above, in this transaction
-        return endpoint
-
     async def _select_endpoint(
-        self, conn: AsyncConnection, tenant: str, url: str, *, lock: str = ""
+        self, conn: AsyncConnection, tenant: str, url: str
     ) -> WebhookEndpoint | None:
         row = (
             await conn.execute(
                 text(
                     f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints"
-                    f" WHERE tenant = :tenant AND url = :url{lock}"
+                    " WHERE tenant = :tenant AND url = :url"
                 ),
                 {"tenant": tenant, "url": url},
             )
