@@ -32,6 +32,7 @@ from core.db.webhooks import (
     EndpointSecrets,
     Health,
     NewDelivery,
+    Sweep,
     WebhookDelivery,
     WebhookEndpoint,
 )
@@ -210,17 +211,13 @@ class Notifier:
         while True:
             self._wake.clear()
             try:
-                sent = await self.deliver_due()
+                sweep = await self._sweep()
             except Exception:
                 logger.exception("Webhook sweep failed", extra={"action": "webhook_sweep_failed"})
-                sent = 0
-            if sent:
+                sweep = Sweep([])
+            if sweep.claimed:
                 continue  # retries due "immediately" and deliveries unblocked by these ones
-            try:
-                due_in = await self.deliveries.seconds_until_due()
-            except Exception:
-                logger.exception("Webhook sweep failed", extra={"action": "webhook_sweep_failed"})
-                due_in = None
+            due_in = sweep.due_in
             wait = self.poll_interval if due_in is None else min(self.poll_interval, due_in)
             if wait <= 0.0:
                 # Due but not claimable (held back behind an earlier event of its job, or
@@ -231,9 +228,13 @@ class Notifier:
 
     async def deliver_due(self) -> int:
         """One sweep: claim the due deliveries and make one attempt each; return how many."""
-        claimed = await self.deliveries.claim_for_sending(
+        return len((await self._sweep()).claimed)
+
+    async def _sweep(self) -> Sweep:
+        sweep = await self.deliveries.claim_for_sending(
             limit=self.batch_size, lease_seconds=self.lease_seconds
         )
+        claimed = sweep.claimed
         outcomes = await asyncio.gather(
             *(self._attempt(c) for c in claimed), return_exceptions=True
         )
@@ -249,7 +250,7 @@ class Notifier:
                     exc_info=outcome,
                     extra=self._extra("webhook_record_failed", delivery),
                 )
-        return len(claimed)
+        return sweep
 
     async def _attempt(self, claimed: ClaimedDelivery) -> None:
         delivery = claimed.delivery

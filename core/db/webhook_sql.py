@@ -75,9 +75,13 @@ UNION ALL
 SELECT *, false AS created FROM existing""")
 
 # Claims due deliveries for one attempt each, for a lease (see ``claim_due``), and reads
-# the secrets their endpoints sign with.
+# the secrets their endpoints sign with. When it claims nothing, its one row (delivery
+# columns null) says in how many seconds the earliest pending or leased delivery is due.
 CLAIM = Statement(f"""
-WITH claimed AS (
+WITH due AS (
+    SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8 AS due_in
+    FROM webhook_deliveries WHERE status IN ('pending', 'sending')
+), claimed AS (
     UPDATE webhook_deliveries d SET status = 'sending',
         attempt_count = d.attempt_count + 1, updated_at = now(),
         next_attempt_at = now() + make_interval(secs => :lease)
@@ -92,8 +96,9 @@ WITH claimed AS (
         ORDER BY c.next_attempt_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)
     RETURNING {DELIVERY_COLUMNS}
 )
-SELECT c.*, {", ".join(f"w.{name}" for name in SECRET_COLUMNS)}
-FROM claimed c LEFT JOIN webhook_endpoints w ON w.tenant = c.tenant AND w.url = c.url
+SELECT c.*, {", ".join(f"w.{name}" for name in SECRET_COLUMNS)}, due.due_in
+FROM due LEFT JOIN (claimed c LEFT JOIN webhook_endpoints w
+    ON w.tenant = c.tenant AND w.url = c.url) ON true
 ORDER BY c.occurred_at, c.created_at""")
 
 # Settles the attempt ``:attempt`` of a delivery, unless its lease was lost: logs it, and
@@ -131,8 +136,3 @@ WITH settled AS (
 )
 SELECT EXISTS (SELECT 1 FROM settled) AS recorded, failing.*
 FROM (SELECT 1) AS one LEFT JOIN failing ON true""")
-
-SECONDS_UNTIL_DUE = Statement(
-    "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8"
-    " FROM webhook_deliveries WHERE status IN ('pending', 'sending')"
-)

@@ -186,6 +186,15 @@ class ClaimedDelivery:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """What one claim found: the deliveries claimed or, when there were none, in how many
+    seconds the earliest pending (or leased) delivery is due (None when idle)."""
+
+    claimed: list[ClaimedDelivery]
+    due_in: float | None = None
+
+
+@dataclass(frozen=True)
 class Settlement:
     """What settling an attempt did: whether it was recorded (the lease was still held)
     and, when it counted as a failure, the endpoint's health after it."""
@@ -289,19 +298,23 @@ class DeliveryRepository:
         A delivery waits while an earlier delivery of the same job and endpoint is
         unsettled, so one job's events reach the receiver in order.
         """
-        claimed = await self.claim_for_sending(limit=limit, lease_seconds=lease_seconds)
-        return [c.delivery for c in claimed]
+        sweep = await self.claim_for_sending(limit=limit, lease_seconds=lease_seconds)
+        return [c.delivery for c in sweep.claimed]
 
-    async def claim_for_sending(self, *, limit: int, lease_seconds: float) -> list[ClaimedDelivery]:
+    async def claim_for_sending(self, *, limit: int, lease_seconds: float) -> Sweep:
         """``claim_due``, with the secrets each delivery's endpoint signs with."""
         statement = sql.CLAIM
         async with raw_connection(self.engine) as conn:
             rows = await conn.fetch(
                 statement.sql, *statement.args(limit=limit, lease=lease_seconds)
             )
+        if rows[0]["id"] is None:
+            due_in = rows[0]["due_in"]
+            return Sweep([], max(0.0, due_in) if due_in is not None else None)
         claimed = []
         for row in rows:
             fields = dict(row)
+            del fields["due_in"]
             secrets = {name: fields.pop(name) for name in sql.SECRET_COLUMNS}
             has_row = any(value is not None for value in secrets.values())
             claimed.append(
@@ -309,13 +322,7 @@ class DeliveryRepository:
                     WebhookDelivery(**fields), EndpointSecrets(**secrets) if has_row else None
                 )
             )
-        return claimed
-
-    async def seconds_until_due(self) -> float | None:
-        """Seconds until the earliest pending (or leased) delivery is due; None when idle."""
-        async with raw_connection(self.engine) as conn:
-            value = await conn.fetchval(sql.SECONDS_UNTIL_DUE.sql)
-        return max(0.0, float(value)) if value is not None else None
+        return Sweep(claimed)
 
     async def record_attempt(
         self,
