@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.broker import Delivery, Handler, Message, Nack, SubscriptionSpec, backoff_delay
 from core.db.engine import plain_url
+from core.db.raw import spurious_cancel
 from core.errors import BrokerError
 
 logger = logging.getLogger("blogpipe.broker.postgres")
@@ -31,7 +32,15 @@ logger = logging.getLogger("blogpipe.broker.postgres")
 CHANNEL = "blogpipe_broker"
 MAX_LEASE_SECONDS = 3600.0  # like the Pub/Sub client's max_lease_duration
 LISTENER_PING_SECONDS = 10.0  # a silent dead socket is only noticed by using it
-TRANSIENT_ERRORS = (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+TRANSIENT_ERRORS = (
+    SQLAlchemyError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A connection left mid-operation by a terminated backend ("another operation is in
+    # progress"): recovered like a lost connection, by opening a new one.
+    asyncpg.InternalClientError,
+)
 # (TimeoutError is an OSError.)
 
 _UPSERT_SUBSCRIPTION = """
@@ -316,6 +325,10 @@ class PostgresBroker:
                         await asyncio.wait_for(connection.execute("SELECT 1"), 5)
             except TRANSIENT_ERRORS as exc:
                 logger.debug("Broker LISTEN connection error: %s", exc)
+            except asyncio.CancelledError as exc:
+                if not spurious_cancel(exc):
+                    raise
+                logger.debug("Broker LISTEN connection terminated mid-statement")
             finally:
                 self._listening = False
                 connection.terminate()
@@ -380,6 +393,11 @@ class _Consumer:
                     timeout = await self._step()
                 except TRANSIENT_ERRORS as exc:
                     await self._recover(exc)
+                    continue
+                except asyncio.CancelledError as exc:
+                    if not spurious_cancel(exc):
+                        raise
+                    await self._recover(exc)  # our connection was terminated mid-statement
                     continue
                 if timeout is None:
                     return
@@ -469,6 +487,13 @@ class _Consumer:
             message = "Handler failed for message %s on %s (attempt %d)"
             args = (delivery.message_id, self.name, lease.attempts)
             _log(logging.WARNING, "message_nacked", message, *args, exc_info=True)
+        except asyncio.CancelledError as exc:
+            if not spurious_cancel(exc):
+                raise  # shutting down: _shutdown releases the lease
+            delay = backoff  # a database connection terminated under the handler
+            message = "Handler for message %s on %s lost its database connection (attempt %d)"
+            args = (delivery.message_id, self.name, lease.attempts)
+            _log(logging.WARNING, "message_nacked", message, *args)
         self._in_flight.pop(lease.row_id, None)
         self._outcomes.append((lease, delay))
         self._wake.set()

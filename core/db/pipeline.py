@@ -139,18 +139,8 @@ class PipelineStore:
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
-        earlier = list(STAGES[: STAGES.index(message.stage)])
-        async with raw_connection(self.engine) as conn, conn.transaction():
-            job = await conn.fetchrow(self._sql.lock_job, message.job_id)
-            if job is None:
-                return Skip("missing")
-            if job["generation"] != message.generation:
-                return Skip("stale")
-            if job["status"] != "processing":
-                return Skip("not_processing")
-            # A new statement, so a new snapshot: it sees every run committed before the
-            # job lock was ours.
-            statement = sql.CLAIM
+        statement = self._sql.claim
+        async with raw_connection(self.engine) as conn:
             row = await conn.fetchrow(
                 statement.sql,
                 *statement.args(
@@ -161,23 +151,27 @@ class PipelineStore:
                     pct=STAGE_PROGRESS[message.stage][0],
                     number=stage_number(message.stage),
                     total=TOTAL_STAGES,
-                    earlier=earlier,
+                    earlier=list(STAGES[: STAGES.index(message.stage)]),
                     final=next_stage(message.stage) is None,
                 ),
             )
-        if row["verdict"] == "duplicate":
-            return Skip("duplicate")
-        if row["verdict"] == "leased":
+        verdict = row["verdict"]
+        if verdict == "leased":
             return Skip("leased", retry_after=max(1.0, float(row["remaining"] or 1.0)))
+        if verdict != "claim":
+            return Skip(verdict)
+        if row["run_id"] is None:
+            # A claim racing ours for the same stage won: it runs now, for a whole lease.
+            return Skip("leased", retry_after=self.lease_seconds)
         return Claim(
             job_id=message.job_id,
             stage=message.stage,
             generation=message.generation,
             run_id=int(row["run_id"]),
             attempt=int(row["attempt"]),
-            request=dict(job["request"]),
+            request=dict(row["request"]),
             outputs=row["outputs"] or {},
-            started_at=job["started_at"],
+            started_at=row["started_at"],
             usage=row["usage"] or {},
         )
 

@@ -18,17 +18,25 @@ _EVENT_COLUMNS = (
     "job_id, generation, stage, stage_number, total_stages, progress_percentage, status, details"
 )
 
-# Runs the transaction's job lock first: a new statement, hence a new snapshot, that sees
-# every run committed before the lock was ours. Decides duplicate / leased / claim, and on
-# claim abandons expired runs, opens the new one and moves progress, all in one go. The
-# last stage also reads each earlier stage's usage, for the job's result.
-CLAIM = Statement(f"""
-WITH runs AS (
+# The whole claim in one statement. The job row is locked first (a concurrent replay or
+# cancel is waited for, and its result seen); the skip reasons follow from it and from
+# the stage's runs. Two claims racing for the same stage read the same runs (a statement
+# sees the rows committed when it started), so the unique index on running runs decides:
+# the loser inserts nothing and is told the stage is leased. On claim, expired runs are
+# abandoned, the new run opened and progress moved. The last stage also reads each
+# earlier stage's usage, for the job's result.
+_CLAIM = f"""
+WITH job AS (
+    SELECT status, generation, request, started_at FROM jobs WHERE id = :job FOR UPDATE
+), runs AS (
     SELECT id, attempt, status, lease_until > now() AS live,
         EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining
     FROM stage_runs WHERE job_id = :job AND stage = :stage AND generation = :generation
 ), verdict AS (
     SELECT CASE
+            WHEN NOT EXISTS (SELECT 1 FROM job) THEN 'missing'
+            WHEN (SELECT generation FROM job) <> :generation THEN 'stale'
+            WHEN (SELECT status FROM job) <> 'processing' THEN 'not_processing'
             WHEN bool_or(status = 'succeeded') THEN 'duplicate'
             WHEN bool_or(status = 'running' AND live) THEN 'leased'
             ELSE 'claim'
@@ -46,6 +54,7 @@ WITH runs AS (
     INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
     SELECT :job, :stage, :generation, attempt, 'running', now() + make_interval(secs => :lease)
     FROM verdict WHERE verdict = 'claim'
+    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
     RETURNING id, attempt
 ), progressed AS (
     UPDATE jobs SET progress_percentage = GREATEST(progress_percentage, :pct),
@@ -57,7 +66,7 @@ WITH runs AS (
         format('Stage %s started (attempt %s)', :stage::text, attempt)
     FROM run
 )
-SELECT v.verdict, v.remaining, r.id AS run_id, r.attempt,
+SELECT v.verdict, v.remaining, r.id AS run_id, r.attempt, j.request, j.started_at,
     CASE WHEN r.id IS NOT NULL THEN (
         SELECT json_object_agg(o.stage, o.output) FROM (
             SELECT DISTINCT ON (stage) stage, output FROM stage_runs
@@ -71,8 +80,8 @@ SELECT v.verdict, v.remaining, r.id AS run_id, r.attempt,
                 prompt_tokens + completion_tokens AS tokens, cost FROM stage_runs
             WHERE job_id = :job AND status = 'succeeded' AND stage = ANY(:earlier::text[])
             ORDER BY stage, finished_at DESC) u
-    ) END AS usage
-FROM verdict v LEFT JOIN run r ON true""")
+    ) END AS usage{{sync}}
+FROM verdict v LEFT JOIN run r ON true LEFT JOIN job j ON true"""
 
 PROGRESS = Statement(f"""
 WITH lease AS (
@@ -120,6 +129,7 @@ class Transitions:
     def __init__(self, dispatcher: Dispatcher, *, asynchronous_commit: bool) -> None:
         sync = _ASYNC_COMMIT_COLUMN if asynchronous_commit else ""
         staged = dispatcher.staging("staged", "EXISTS (SELECT 1 FROM job)", "next")
+        self.claim = Statement(_CLAIM.replace("{sync}", sync))
         self.lock_job = (
             f"SELECT status, generation, request, started_at{sync}"
             " FROM jobs WHERE id = $1 FOR UPDATE"

@@ -73,12 +73,40 @@ async def hot_pool(engine: AsyncEngine) -> asyncpg.Pool:
     return pool
 
 
+def spurious_cancel(exc: BaseException) -> bool:
+    """True for the ``CancelledError`` asyncpg raises from a statement whose connection
+    the server terminated under it — a real cancellation shows on the current task."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() == 0
+
+
 @contextlib.asynccontextmanager
 async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """An asyncpg connection from ``engine``'s hot pool, returned on exit."""
+    """An asyncpg connection from ``engine``'s hot pool, returned on exit.
+
+    A connection the server terminated mid-statement surfaces as
+    ``ConnectionDoesNotExistError`` (a transient database error), never as a
+    cancellation of the caller.
+    """
     pool = await hot_pool(engine)
-    async with pool.acquire() as conn:
+    conn = await pool.acquire()
+    try:
         yield conn
+    except asyncio.CancelledError as exc:
+        if not spurious_cancel(exc):
+            raise
+        conn.terminate()  # its protocol state is unknown: never hand it out again
+        raise asyncpg.ConnectionDoesNotExistError(
+            "the connection was terminated during a statement"
+        ) from exc
+    except asyncpg.InternalClientError:
+        conn.terminate()  # "another operation is in progress": the same
+        raise
+    finally:
+        try:
+            await pool.release(conn)
+        except asyncpg.InternalClientError:
+            pass  # terminated under us: asyncpg already took it back
 
 
 async def close_hot_pool(engine: AsyncEngine) -> None:

@@ -90,6 +90,15 @@ stage_runs = Table(
         unique=True,
         postgresql_where=text("status = 'succeeded'"),
     ),
+    # At most one attempt running: two racing claims of a stage cannot both win.
+    Index(
+        "ux_stage_runs_running",
+        "job_id",
+        "stage",
+        "generation",
+        unique=True,
+        postgresql_where=text("status = 'running'"),
+    ),
 )
 
 job_events = Table(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.engine import create_engine
@@ -51,3 +52,31 @@ async def test_disposing_the_engine_closes_the_hot_pool(database_url: str) -> No
         await wait_for(backend_gone, timeout=10, message="the hot pool's backend to exit")
     finally:
         await probe.dispose()
+
+
+async def test_a_backend_terminated_mid_statement_is_an_error_not_a_cancellation(
+    engine: AsyncEngine,
+) -> None:
+    async def sleeper() -> None:
+        async with raw_connection(engine) as conn:
+            await conn.execute("SELECT pg_sleep(30)")
+
+    task = asyncio.create_task(sleeper())
+    async with raw_connection(engine) as admin:
+
+        async def sleeping() -> bool:
+            found = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+            )
+            return bool(found)
+
+        await wait_for(sleeping, timeout=10, message="the sleeping statement")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query = 'SELECT pg_sleep(30)'"
+        )
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and not task.cancelled()
+    assert isinstance(task.exception(), asyncpg.PostgresError | asyncpg.InterfaceError)
+    async with raw_connection(engine) as conn:  # the pool hands out a working connection
+        assert await asyncio.wait_for(conn.fetchval("SELECT 41 + 1"), 5) == 42
