@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.constants import STAGES, TOTAL_STAGES
 from core.db.raw import raw_connection
+from core.db.statements import Statement
 from core.requests import BlogRequest
 
 DEFAULT_ESTIMATE_SECONDS = 240.0
@@ -55,6 +56,13 @@ class JobRecord:
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
         return cls(**dict(row._mapping))
+
+
+_CREATE = Statement(
+    "INSERT INTO jobs (id, tenant, status, request, callback_url, callback_events, metadata)"
+    " VALUES (:id, :tenant, :status, :request, :callback_url, :callback_events, :metadata)"
+    f" RETURNING {JOB_COLUMNS}"
+)
 
 
 class JobStatusFields(Protocol):
@@ -193,9 +201,22 @@ class JobRepository:
     async def create(
         self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
     ) -> JobRecord:
-        """Store a new job."""
-        async with self.engine.begin() as conn:
-            return await self.insert(conn, request, tenant=tenant, status=status)
+        """Store a new job: one statement on the hot pool, committed (durably) on return."""
+        job_id = uuid.uuid4()
+        async with raw_connection(self.engine) as conn:
+            row = await conn.fetchrow(
+                _CREATE.sql,
+                *_CREATE.args(
+                    id=job_id,
+                    tenant=tenant,
+                    status=status,
+                    request=request.model_dump(mode="json"),
+                    callback_url=request.callback_url,
+                    callback_events=list(request.events) if request.callback_url else None,
+                    metadata=request.metadata,
+                ),
+            )
+        return JobRecord(**{**dict(row), "id": job_id})
 
     async def insert(
         self,
@@ -315,6 +336,9 @@ class JobRepository:
 
     async def estimated_seconds(self) -> float:
         """How long a job takes end to end, learned from recent runs."""
+        estimate = self._cached_estimate()
+        if estimate is not None:
+            return estimate
         async with self.engine.connect() as conn:
             return await self._estimated_total(conn)
 
