@@ -72,8 +72,8 @@ class StageRunner:
                 # Another worker is running it now; look again when its lease would end.
                 raise Nack("stage run is leased by another worker", delay=claim.retry_after)
             return
-        # One INFO line per stage run (when it ends, with its duration) keeps the log
-        # readable at thousands of jobs; the start is there at DEBUG.
+        # Job-level lines (queued, started, completed, failed) are INFO; per-stage lines
+        # are DEBUG, so the log stays readable at thousands of jobs.
         logger.debug(
             "Stage %s started for job %s (attempt %d)",
             self.stage.name,
@@ -96,7 +96,10 @@ class StageRunner:
             cost=result.usage.cost,
         )
         state = await self.store.complete(claim, outcome, finalize=build_result)
-        logger.info(
+        # Each run's timing and outcome is in stage_runs (the job's "stages" view); the log
+        # line is DEBUG when the stage committed, INFO when its work was thrown away.
+        logger.log(
+            logging.DEBUG if state == "committed" else logging.INFO,
             "Stage %s %s for job %s in %.3fs",
             self.stage.name,
             state,

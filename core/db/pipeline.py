@@ -114,28 +114,40 @@ class PipelineStore:
         Returns ``started``, ``already_started`` (a duplicate Cloud Tasks delivery),
         ``finished`` or ``missing``; only ``started`` publishes anything.
         """
-        async with raw_connection(self.engine) as conn, conn.transaction():
-            row = await conn.fetchrow(self._sql.lock_job, job_id)
+        # A new job is queued at generation 1: start it in one statement. Anything else
+        # (a duplicate delivery, a job already finished or gone) reads the job to say why.
+        started, outbox_id = await self._start(job_id, 1)
+        if not started:
+            async with raw_connection(self.engine) as conn:
+                row = await conn.fetchrow(sql.JOB_STATE, job_id)
             if row is None:
                 return "missing"
             if row["status"] not in ("queued", "pending"):
                 finished = row["status"] in ("completed", "failed", "cancelled")
                 return "finished" if finished else "already_started"
-            first = StageMessage(job_id, STAGES[0], row["generation"])
-            statement = self._sql.start
-            outbox_id = await conn.fetchval(
-                statement.sql,
-                *statement.args(
-                    job=job_id,
-                    stage=STAGES[0],
-                    **Dispatcher.staging_args("next", stage_topic(STAGES[0]), first.to_message()),
-                ),
-            )
+            started, outbox_id = await self._start(job_id, row["generation"])
+            if not started:  # it moved on between the two statements
+                return "already_started"
         await self.dispatcher.flush([outbox_id])
         logger.info(
             "Job %s started", job_id, extra={"action": "job_started", "job_id": str(job_id)}
         )
         return "started"
+
+    async def _start(self, job_id: UUID, generation: int) -> tuple[bool, int | None]:
+        first = StageMessage(job_id, STAGES[0], generation).to_message()
+        statement = self._sql.start
+        async with raw_connection(self.engine) as conn:
+            row = await conn.fetchrow(
+                statement.sql,
+                *statement.args(
+                    job=job_id,
+                    generation=generation,
+                    stage=STAGES[0],
+                    **Dispatcher.staging_args("next", stage_topic(STAGES[0]), first),
+                ),
+            )
+        return bool(row["started"]), row["outbox_id"]
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""

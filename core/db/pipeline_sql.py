@@ -83,6 +83,8 @@ SELECT v.verdict, v.remaining, r.id AS run_id, r.attempt, j.request, j.started_a
     ) END AS usage{{sync}}
 FROM verdict v LEFT JOIN run r ON true LEFT JOIN job j ON true"""
 
+JOB_STATE = "SELECT status, generation FROM jobs WHERE id = $1"
+
 PROGRESS = Statement(f"""
 WITH lease AS (
     UPDATE stage_runs SET lease_until = now() + make_interval(secs => :lease)
@@ -130,17 +132,17 @@ class Transitions:
         sync = _ASYNC_COMMIT_COLUMN if asynchronous_commit else ""
         staged = dispatcher.staging("staged", "EXISTS (SELECT 1 FROM job)", "next")
         self.claim = Statement(_CLAIM.replace("{sync}", sync))
-        self.lock_job = (
-            f"SELECT status, generation, request, started_at{sync}"
-            " FROM jobs WHERE id = $1 FOR UPDATE"
-        )
+        # A queued job moves to processing at the generation its message names (checked
+        # in the update, so a job that is not queued at that generation is left alone).
         self.start = Statement(f"""
 WITH job AS (
     UPDATE jobs SET status = 'processing', started_at = now(), updated_at = now(),
         current_stage = :stage
-    WHERE id = :job RETURNING id
+    WHERE id = :job AND status IN ('queued', 'pending') AND generation = :generation
+    RETURNING id
 ), {staged}
-SELECT (SELECT max(outbox_id) FROM staged)""")
+SELECT EXISTS (SELECT 1 FROM job) AS started,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
         # A stage that hands off to the next one.
         self.complete = Statement(f"""
 WITH job AS (

@@ -63,30 +63,49 @@ async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
     job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
     message = StageMessage(job.id, "outline", job.generation).to_message()
     for store, expected in ((transactional, "off"), (outbox, "on")):
-        # The setting each kind of transition leaves in force when its transaction commits:
-        # the job lock opening claim and start, and the one-statement hand-off.
-        statement = store._sql.complete
-        args = statement.args(
-            job=job.id,
-            generation=99,
-            run=0,
-            output={},
-            provider="p",
-            model="m",
-            pt=0,
-            ct=0,
-            cost=0.0,
-            stage="research",
-            number=1,
-            total=4,
-            pct=25.0,
-            **Dispatcher.staging_args("next", "blog-outline", message),
-        )
-        async with raw_connection(engine) as conn:
-            async with conn.transaction():
-                await asyncio.wait_for(conn.fetchrow(store._sql.lock_job, job.id), 5)
+        # The setting each kind of transition leaves in force when its transaction commits
+        # (generation 99 is not the job's: nothing is written).
+        staged = Dispatcher.staging_args("next", "blog-outline", message)
+        calls = [
+            (store._sql.start, {"job": job.id, "generation": 99, "stage": "research"}),
+            (
+                store._sql.claim,
+                {
+                    "job": job.id,
+                    "stage": "outline",
+                    "generation": 99,
+                    "lease": 5.0,
+                    "pct": 30.0,
+                    "number": 2,
+                    "total": 4,
+                    "earlier": ["research"],
+                    "final": False,
+                },
+            ),
+            (
+                store._sql.complete,
+                {
+                    "job": job.id,
+                    "generation": 99,
+                    "run": 0,
+                    "output": {},
+                    "provider": "p",
+                    "model": "m",
+                    "pt": 0,
+                    "ct": 0,
+                    "cost": 0.0,
+                    "stage": "research",
+                    "number": 1,
+                    "total": 4,
+                    "pct": 25.0,
+                },
+            ),
+        ]
+        for statement, values in calls:
+            extra = staged if "next_data" in statement.names else {}
+            async with raw_connection(engine) as conn, conn.transaction():
+                await asyncio.wait_for(
+                    conn.fetchrow(statement.sql, *statement.args(**values, **extra)), 5
+                )
                 assert await conn.fetchval("SHOW synchronous_commit") == expected
-            async with conn.transaction():
-                row = await asyncio.wait_for(conn.fetchrow(statement.sql, *args), 5)
-                assert not row["committed"]  # generation 99 is not the job's: nothing written
-                assert await conn.fetchval("SHOW synchronous_commit") == expected
+    assert await asyncio.wait_for(JobRepository(engine).status_document(job.id), 5) is not None
