@@ -24,7 +24,13 @@ from core.db import audit
 from core.db.batches import MAX_BATCH, BatchRepository
 from core.db.idempotency import IdempotencyMismatch, IdempotencyStore, valid_key
 from core.db.jobs import JobRecord
-from core.db.operations import InvalidOperation, JobFilter, OperationsStore, parse_duration
+from core.db.operations import (
+    InvalidOperation,
+    JobFilter,
+    OperationsStore,
+    check_duration,
+    parse_duration,
+)
 from core.errors import BlogpipeError, ConflictError, JobNotFound
 from core.requests import CALLBACK_EVENTS, BlogRequest
 
@@ -227,7 +233,7 @@ async def bulk_replay(request: Request) -> Response:
         since = None
         if body.since is not None:
             since = (
-                float(body.since)
+                check_duration(float(body.since), body.since)
                 if isinstance(body.since, float | int)
                 else parse_duration(body.since)
             )

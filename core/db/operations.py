@@ -9,6 +9,7 @@ follow-up message through the ``Dispatcher`` (published after commit).
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -152,8 +153,19 @@ def parse_duration(raw: str) -> float:
         raise InvalidOperation(
             f"since must be a duration like 90s, 15m, 2h or 3d; got {raw!r}"
         ) from None
-    if not seconds > 0:
+    return check_duration(seconds, raw)
+
+
+MAX_SINCE_SECONDS = 100 * 365 * 86400.0
+"""How far back ``since`` may reach (further would overflow Postgres timestamps)."""
+
+
+def check_duration(seconds: float, raw: object) -> float:
+    """``seconds`` if it is a positive, finite duration of at most a century."""
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise InvalidOperation(f"since must be a positive duration; got {raw!r}")
+    if seconds > MAX_SINCE_SECONDS:
+        raise InvalidOperation(f"since must be at most 36500d (a century); got {raw!r}")
     return seconds
 
 

@@ -186,5 +186,9 @@ async def test_bulk_replay_preview_and_cap(pipeline: Pipeline, client: httpx.Asy
         await wait_status(client, pipeline.url, item["job_id"], "completed")
     bad = await client.post(f"{base}/replay", json={"since": "soon"})
     assert bad.status_code == 422 and "since" in bad.json()["detail"]
+    # Past what Postgres timestamps can hold, or not a duration at all: 422, not a 500.
+    for since in (1e300, "1e300d", -5, 0, "nan", "inf"):
+        far = await client.post(f"{base}/replay", json={"since": since, "dry_run": True})
+        assert far.status_code == 422 and "since" in far.json()["detail"], (since, far.text)
     over = await client.post(f"{base}/replay", json={"limit": 10_000})
     assert over.status_code == 422 and "limit" in over.json()["detail"]
