@@ -51,7 +51,7 @@ class Options:
     """What to run and how big."""
 
     scenarios: tuple[str, ...] = SCENARIOS
-    jobs: int = 500
+    jobs: int = 1000
     runs: int = 2
     gcp_jobs: int = 300
     gcp_runs: int = 1
