@@ -60,7 +60,9 @@ WITH existing AS (
         :occurred_at::timestamptz,
         CASE WHEN status = 'skipped' THEN 'superseded by a later event' END
     FROM verdict
-    ON CONFLICT (event_id) DO NOTHING
+    -- No conflict target: the id and the event id are both unique, and a concurrent
+    -- insert of the same event may hit either first.
+    ON CONFLICT DO NOTHING
     RETURNING {DELIVERY_COLUMNS}
 ), superseded AS (
     UPDATE webhook_deliveries SET status = 'skipped', next_attempt_at = NULL,
