@@ -203,19 +203,16 @@ class JobRepository:
     ) -> JobRecord:
         """Store a new job: one statement on the hot pool, committed (durably) on return."""
         job_id = uuid.uuid4()
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                _CREATE.sql,
-                *_CREATE.args(
-                    id=job_id,
-                    tenant=tenant,
-                    status=status,
-                    request=request.model_dump(mode="json"),
-                    callback_url=request.callback_url,
-                    callback_events=list(request.events) if request.callback_url else None,
-                    metadata=request.metadata,
-                ),
-            )
+        row = await _CREATE.fetchrow(
+            self.engine,
+            id=job_id,
+            tenant=tenant,
+            status=status,
+            request=request.model_dump(mode="json"),
+            callback_url=request.callback_url,
+            callback_events=list(request.events) if request.callback_url else None,
+            metadata=request.metadata,
+        )
         return JobRecord(**{**dict(row), "id": job_id})
 
     async def insert(

@@ -137,36 +137,30 @@ class PipelineStore:
     async def _start(self, job_id: UUID, generation: int) -> tuple[bool, int | None]:
         first = StageMessage(job_id, STAGES[0], generation).to_message()
         statement = self._sql.start
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                statement.sql,
-                *statement.args(
-                    job=job_id,
-                    generation=generation,
-                    stage=STAGES[0],
-                    **Dispatcher.staging_args("next", stage_topic(STAGES[0]), first),
-                ),
-            )
+        row = await statement.fetchrow(
+            self.engine,
+            job=job_id,
+            generation=generation,
+            stage=STAGES[0],
+            **Dispatcher.staging_args("next", stage_topic(STAGES[0]), first),
+        )
         return bool(row["started"]), row["outbox_id"]
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
         statement = self._sql.claim
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                statement.sql,
-                *statement.args(
-                    job=message.job_id,
-                    stage=message.stage,
-                    generation=message.generation,
-                    lease=self.lease_seconds,
-                    pct=STAGE_PROGRESS[message.stage][0],
-                    number=stage_number(message.stage),
-                    total=TOTAL_STAGES,
-                    earlier=list(STAGES[: STAGES.index(message.stage)]),
-                    final=next_stage(message.stage) is None,
-                ),
-            )
+        row = await statement.fetchrow(
+            self.engine,
+            job=message.job_id,
+            stage=message.stage,
+            generation=message.generation,
+            lease=self.lease_seconds,
+            pct=STAGE_PROGRESS[message.stage][0],
+            number=stage_number(message.stage),
+            total=TOTAL_STAGES,
+            earlier=list(STAGES[: STAGES.index(message.stage)]),
+            final=next_stage(message.stage) is None,
+        )
         verdict = row["verdict"]
         if verdict == "leased":
             return Skip("leased", retry_after=max(1.0, float(row["remaining"] or 1.0)))
@@ -190,26 +184,22 @@ class PipelineStore:
     async def report_progress(self, claim: Claim, percentage: float, details: str) -> None:
         """Move progress within a stage and extend the run's lease."""
         statement = sql.PROGRESS
-        async with raw_connection(self.engine) as conn:
-            await conn.execute(
-                statement.sql,
-                *statement.args(
-                    job=claim.job_id,
-                    generation=claim.generation,
-                    run=claim.run_id,
-                    lease=self.lease_seconds,
-                    stage=claim.stage,
-                    number=stage_number(claim.stage),
-                    total=TOTAL_STAGES,
-                    pct=percentage,
-                    details=details,
-                ),
-            )
+        await statement.execute(
+            self.engine,
+            job=claim.job_id,
+            generation=claim.generation,
+            run=claim.run_id,
+            lease=self.lease_seconds,
+            stage=claim.stage,
+            number=stage_number(claim.stage),
+            total=TOTAL_STAGES,
+            pct=percentage,
+            details=details,
+        )
 
     async def heartbeat(self, claim: Claim) -> None:
         """Extend the run's lease while the stage is still working."""
-        async with raw_connection(self.engine) as conn:
-            await conn.execute(sql.HEARTBEAT.sql, claim.run_id, self.lease_seconds)
+        await sql.HEARTBEAT.execute(self.engine, run=claim.run_id, lease=self.lease_seconds)
 
     async def complete(
         self, claim: Claim, outcome: StageOutcome, finalize: Finalizer | None = None
@@ -247,8 +237,7 @@ class PipelineStore:
                 str(uuid.uuid4()), "job.completed", claim.job_id, claim.generation, _now()
             )
             values.update(Dispatcher.staging_args("next", EVENTS_TOPIC, event.to_message()))
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(statement.sql, *statement.args(**values))
+        row = await statement.fetchrow(self.engine, **values)
         if not row["committed"]:
             return "discarded"
         await self.dispatcher.flush([row["outbox_id"]])
@@ -266,18 +255,15 @@ class PipelineStore:
         """Record a failed attempt on its stage run, with the tokens it spent if known."""
         usage = usage or Usage()
         statement = sql.RECORD_FAILURE
-        async with raw_connection(self.engine) as conn:
-            await conn.execute(
-                statement.sql,
-                *statement.args(
-                    run=claim.run_id,
-                    error=str(error)[:2000] or type(error).__name__,
-                    type=("retryable:" if retryable else "permanent:") + type(error).__name__,
-                    pt=usage.prompt_tokens,
-                    ct=usage.completion_tokens,
-                    cost=usage.cost,
-                ),
-            )
+        await statement.execute(
+            self.engine,
+            run=claim.run_id,
+            error=str(error)[:2000] or type(error).__name__,
+            type=("retryable:" if retryable else "permanent:") + type(error).__name__,
+            pt=usage.prompt_tokens,
+            ct=usage.completion_tokens,
+            cost=usage.cost,
+        )
 
     async def fail_job_unstarted(self, job_id: UUID, message: str) -> None:
         """A queued job whose hand-off to the task queue failed: mark it failed, clearly."""
@@ -315,20 +301,17 @@ class PipelineStore:
         """Mark the job failed at ``stage`` and emit ``job.failed``; False if stale or finished."""
         event = JobEvent(str(uuid.uuid4()), "job.failed", job_id, generation, _now())
         statement = self._sql.fail
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                statement.sql,
-                *statement.args(
-                    job=job_id,
-                    generation=generation,
-                    stage=stage,
-                    message=message,
-                    details=details,
-                    number=stage_number(stage) if stage in STAGES else TOTAL_STAGES,
-                    total=TOTAL_STAGES,
-                    **Dispatcher.staging_args("next", EVENTS_TOPIC, event.to_message()),
-                ),
-            )
+        row = await statement.fetchrow(
+            self.engine,
+            job=job_id,
+            generation=generation,
+            stage=stage,
+            message=message,
+            details=details,
+            number=stage_number(stage) if stage in STAGES else TOTAL_STAGES,
+            total=TOTAL_STAGES,
+            **Dispatcher.staging_args("next", EVENTS_TOPIC, event.to_message()),
+        )
         if not row["committed"]:
             return False
         await self.dispatcher.flush([row["outbox_id"]])

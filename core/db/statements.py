@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db.raw import raw_connection
+
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 
@@ -35,3 +39,13 @@ class Statement:
         if extra:
             raise TypeError(f"unknown statement parameter(s): {', '.join(sorted(extra))}")
         return [values[name] for name in self.names]
+
+    async def fetchrow(self, engine: AsyncEngine, **values: Any) -> Any:
+        """Run on a hot-pool connection of ``engine`` (autocommit); the first row or None."""
+        async with raw_connection(engine) as conn:
+            return await conn.fetchrow(self.sql, *self.args(**values))
+
+    async def execute(self, engine: AsyncEngine, **values: Any) -> None:
+        """Run on a hot-pool connection of ``engine`` (autocommit) for its effect."""
+        async with raw_connection(engine) as conn:
+            await conn.execute(self.sql, *self.args(**values))
