@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.constants import STAGES, TOTAL_STAGES
-from core.db.raw import raw_connection
+from core.db.raw import CONNECTION_LOST, raw_connection
 from core.db.statements import Statement
 from core.requests import BlogRequest
 
@@ -395,9 +395,16 @@ class _PollReads:
     async def _read_batch(
         self, batch: list[tuple[UUID, asyncio.Future[asyncpg.Record | None]]]
     ) -> None:
+        ids = list({job_id for job_id, _ in batch})
         try:
-            async with raw_connection(self.engine) as conn:
-                rows = await conn.fetch(_POLL_QUERY, list({job_id for job_id, _ in batch}))
+            try:
+                async with raw_connection(self.engine) as conn:
+                    rows = await conn.fetch(_POLL_QUERY, ids)
+            except CONNECTION_LOST:
+                # A pooled connection the server closed while it sat idle: a read is safe
+                # to repeat, on a fresh connection.
+                async with raw_connection(self.engine) as conn:
+                    rows = await conn.fetch(_POLL_QUERY, ids)
         except Exception as exc:
             for _, future in batch:
                 if not future.done():

@@ -73,6 +73,15 @@ async def hot_pool(engine: AsyncEngine) -> asyncpg.Pool:
     return pool
 
 
+CONNECTION_LOST = (
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # e.g. terminated by an administrator
+    OSError,
+)
+"""Errors that mean the connection is gone, not that the statement was wrong."""
+
+
 def spurious_cancel(exc: BaseException) -> bool:
     """True for the ``CancelledError`` asyncpg raises from a statement whose connection
     the server terminated under it — a real cancellation shows on the current task."""
