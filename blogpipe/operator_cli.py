@@ -192,7 +192,11 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
 def _dead_letters(rt: Any) -> Any:
     from core.db.dead_letters import DeadLetterStore
 
-    return DeadLetterStore(rt.store, max_attempts=rt.settings.max_delivery_attempts)
+    return DeadLetterStore(
+        rt.store,
+        max_attempts=rt.settings.max_delivery_attempts,
+        max_redrives=rt.settings.max_redrives,
+    )
 
 
 def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:

@@ -160,6 +160,7 @@ class Runtime:
             self.store,
             stuck_after=s.stuck_after_seconds,
             retention_hours=s.job_retention_hours,
+            max_redrives=s.max_redrives,
             requeue=requeue,
         )
         self.spawn(sweeper.run_forever(interval=s.sweep_interval_seconds), "sweeper")

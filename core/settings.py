@@ -80,6 +80,7 @@ class Settings:
     job_retention_hours: float = 24.0
     stuck_after_seconds: float = 600.0
     sweep_interval_seconds: float = 30.0
+    max_redrives: int = 3  # re-drives of a stuck or dead-lettered stage before the job fails
     replay_cap: int = 100
     public_base_url: str | None = None
     log_level: str = "INFO"
@@ -188,6 +189,7 @@ class Settings:
             job_retention_hours=reader.number("JOB_RETENTION_HOURS", 24.0, minimum=0.0),
             stuck_after_seconds=reader.number("BLOGPIPE_STUCK_AFTER", 600.0, minimum=1.0),
             sweep_interval_seconds=reader.number("BLOGPIPE_SWEEP_INTERVAL", 30.0, minimum=0.1),
+            max_redrives=reader.integer("BLOGPIPE_MAX_REDRIVES", 3, minimum=0, maximum=100),
             replay_cap=reader.integer("BLOGPIPE_REPLAY_CAP", 100, minimum=1),
             public_base_url=reader.url("BLOGPIPE_PUBLIC_URL"),
             log_level=reader.choice(

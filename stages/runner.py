@@ -43,7 +43,9 @@ class StageRunner:
         self.store = store
         self.llm = llm
         self.settings = settings
-        self.dead_letters = DeadLetterStore(store, max_attempts=settings.max_delivery_attempts)
+        self.dead_letters = DeadLetterStore(
+            store, max_attempts=settings.max_delivery_attempts, max_redrives=settings.max_redrives
+        )
 
     async def handle(self, delivery: Delivery) -> None:
         """Handle one delivery: return to ack, raise ``Nack`` to retry."""

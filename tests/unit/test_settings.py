@@ -31,6 +31,12 @@ def test_google_settings_select_the_google_adapters() -> None:
     assert explicit.broker == "postgres"
 
 
+def test_max_redrives_reaches_the_sweeper_and_dead_letter_settings() -> None:
+    assert Settings.from_env({}).max_redrives == 3
+    assert Settings.from_env({"BLOGPIPE_MAX_REDRIVES": "0"}).max_redrives == 0
+    assert Settings.from_env({"BLOGPIPE_MAX_REDRIVES": "12"}).max_redrives == 12
+
+
 def test_previous_webhook_secrets_are_read_for_rotation() -> None:
     settings = Settings.from_env({"WEBHOOK_PREVIOUS_SECRETS": "whsec_a, whsec_b"})
     assert settings.webhook_previous_secrets == ("whsec_a", "whsec_b")
@@ -52,6 +58,8 @@ def test_previous_webhook_secrets_are_read_for_rotation() -> None:
         ({"CLOUD_RUN_WORKER_URL": "worker"}, "CLOUD_RUN_WORKER_URL"),
         ({"BLOGPIPE_BROKER": "pubsub", "BLOGPIPE_MAX_ATTEMPTS": "3"}, "BLOGPIPE_MAX_ATTEMPTS"),
         ({"BLOGPIPE_LLM": "openai"}, "OPENAI_API_KEY"),
+        ({"BLOGPIPE_MAX_REDRIVES": "-1"}, "BLOGPIPE_MAX_REDRIVES"),
+        ({"BLOGPIPE_MAX_REDRIVES": "three"}, "BLOGPIPE_MAX_REDRIVES"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
