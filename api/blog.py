@@ -101,10 +101,10 @@ async def job_status(request: Request) -> Response:
     raw = request.path_params["job_id"]
     job_id = _job_id(raw)
     jobs = _deps(request).jobs
-    document = await jobs.poll_document(job_id, tenant=request.state.tenant) if job_id else None
-    if document is None:
+    body = await jobs.poll_body(job_id, tenant=request.state.tenant) if job_id else None
+    if body is None:
         return detail(404, f"Job {raw} not found")
-    return JSONResponse(document)
+    return Response(body, media_type="application/json")
 
 
 async def list_jobs(request: Request) -> Response:

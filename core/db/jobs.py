@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -17,7 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.constants import STAGES, TOTAL_STAGES
-from core.db.raw import CONNECTION_LOST, raw_connection
+from core.db.polling import CACHED_STATUS, PollReads
+from core.db.raw import raw_connection
 from core.db.statements import Statement
 from core.requests import BlogRequest
 
@@ -149,16 +149,27 @@ def _json_bytes(expression: str) -> str:
     return f"convert_to(({expression})::text, 'UTF8')"
 
 
+def _unless_fresh(expression: str) -> str:
+    return f"CASE WHEN fresh THEN NULL ELSE {expression} END"
+
+
 # The same for polling, on asyncpg, for a batch of jobs: what goes into the document
 # unchanged (the result, error, metadata and progress updates) comes back as JSON text,
 # to be spliced into the response rather than decoded and encoded again; the stage runs
-# are decoded, since ``stage_views`` reads them.
+# are decoded, since ``stage_views`` reads them. A job whose encoded document the
+# poller keeps (``$2``-``$4``, see ``core.db.polling``) comes back ``fresh`` while the
+# document still holds, without the parts that cost Postgres time to build.
 _POLL_QUERY = f"""
 SELECT id, tenant, status, progress_percentage, current_stage, created_at, started_at,
-  completed_at, {_json_bytes("result")} AS result, error_message,
-  {_json_bytes("error")} AS error, generation, {_json_bytes("metadata")} AS metadata,
-  updated_at, {_json_bytes(_UPDATES)} AS updates, {_RUNS} AS runs
-FROM jobs WHERE id = ANY($1::uuid[])"""
+  completed_at, {_unless_fresh(_json_bytes("result"))} AS result, error_message,
+  {_unless_fresh(_json_bytes("error"))} AS error, generation,
+  {_unless_fresh(_json_bytes("metadata"))} AS metadata, updated_at,
+  {_unless_fresh(_json_bytes(_UPDATES))} AS updates, {_unless_fresh(_RUNS)} AS runs, fresh
+FROM (SELECT j.*, coalesce(j.status = '{CACHED_STATUS}' AND k.updated_at = j.updated_at
+        AND k.generation = j.generation, false) AS fresh
+    FROM jobs j LEFT JOIN unnest($2::uuid[], $3::timestamptz[], $4::int[])
+        AS k(id, updated_at, generation) ON k.id = j.id
+    WHERE j.id = ANY($1::uuid[])) jobs"""
 
 _ESTIMATE_QUERY = (
     "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM"
@@ -196,7 +207,7 @@ class JobRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._estimate: tuple[float, float] | None = None
-        self._polls = _PollReads(engine)
+        self._polls = PollReads(engine, _POLL_QUERY, _render_poll, self._poll_estimate)
 
     async def create(
         self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
@@ -277,26 +288,22 @@ class JobRepository:
         updates, runs = fields.pop("updates"), fields.pop("runs")
         return status_document(JobRecord(**fields), updates, runs, estimate)
 
+    async def poll_body(self, job_id: UUID, *, tenant: str | None = None) -> bytes | None:
+        """``status_document`` for the polling endpoint, encoded: the same JSON as the
+        webhooks send, with the job's JSON columns and progress updates spliced in as the
+        text Postgres wrote, and a completed job's document kept (see ``core.db.polling``).
+        None when there is no such job, or it belongs to another tenant."""
+        polled = await self._polls.read(job_id)
+        if polled is None or (tenant is not None and polled.tenant != tenant):
+            return None
+        return polled.body
+
     async def poll_document(
         self, job_id: UUID, *, tenant: str | None = None
     ) -> dict[str, Any] | None:
-        """``status_document`` for the polling endpoint, for orjson to encode: the same
-        JSON, with the job's JSON columns and progress updates spliced in as fragments
-        of the text Postgres wrote (so ``json.dumps`` cannot encode it)."""
-        row = await self._polls.read(job_id)
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            return None
-        estimate = self._cached_estimate()
-        if estimate is None:
-            async with raw_connection(self.engine) as conn:
-                estimate = self._remember_estimate(await conn.fetchval(_ESTIMATE_QUERY))
-        fields = dict(row)
-        del fields["tenant"]
-        updates, runs = orjson.Fragment(fields.pop("updates")), fields.pop("runs")
-        for name in ("result", "error", "metadata"):
-            if fields[name] is not None:
-                fields[name] = orjson.Fragment(fields[name])
-        return status_document(_PolledJob(**fields), updates, runs, estimate)
+        """``poll_body``, decoded."""
+        body = await self.poll_body(job_id, tenant=tenant)
+        return None if body is None else dict(orjson.loads(body))
 
     async def page(
         self,
@@ -339,6 +346,13 @@ class JobRepository:
         async with self.engine.connect() as conn:
             return await self._estimated_total(conn)
 
+    async def _poll_estimate(self) -> float:
+        estimate = self._cached_estimate()
+        if estimate is None:
+            async with raw_connection(self.engine) as conn:
+                estimate = self._remember_estimate(await conn.fetchval(_ESTIMATE_QUERY))
+        return estimate
+
     async def _estimated_total(self, conn: AsyncConnection) -> float:
         """Median run time of recent completed jobs, cached briefly; 240 s with no history."""
         estimate = self._cached_estimate()
@@ -355,69 +369,6 @@ class JobRepository:
         estimate = float(median) if median is not None else DEFAULT_ESTIMATE_SECONDS
         self._estimate = (estimate, time.monotonic())
         return estimate
-
-
-class _PollReads:
-    """Polls read in batches: the polls that arrive while a read is in flight wait and
-    go together in the next one, so under load one statement serves many polls (one
-    checkout, one round trip, one executor start). Each poll still reads its job after it
-    arrived: nothing is kept from one read to the next."""
-
-    def __init__(self, engine: AsyncEngine, *, readers: int = 2, batch: int = 64) -> None:
-        self.engine = engine
-        self.readers = readers
-        self.batch = batch
-        self._waiting: list[tuple[UUID, asyncio.Future[asyncpg.Record | None]]] = []
-        self._running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def read(self, job_id: UUID) -> asyncpg.Record | None:
-        """The job's polling row (whatever its tenant), or None when there is no such job."""
-        future: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job_id, future))
-        if self._running < self.readers:
-            self._running += 1
-            task = asyncio.create_task(self._read_while_waiting())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _read_while_waiting(self) -> None:
-        # The count drops in the same step that finds nobody waiting, so a poll that
-        # arrives later always finds a reader running or starts one.
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[: self.batch], self._waiting[self.batch :]
-                await self._read_batch(batch)
-        finally:
-            self._running -= 1
-
-    async def _read_batch(
-        self, batch: list[tuple[UUID, asyncio.Future[asyncpg.Record | None]]]
-    ) -> None:
-        ids = list({job_id for job_id, _ in batch})
-        try:
-            try:
-                async with raw_connection(self.engine) as conn:
-                    rows = await conn.fetch(_POLL_QUERY, ids)
-            except CONNECTION_LOST:
-                # A pooled connection the server closed while it sat idle: a read is safe
-                # to repeat, on a fresh connection.
-                async with raw_connection(self.engine) as conn:
-                    rows = await conn.fetch(_POLL_QUERY, ids)
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        found = {row["id"]: row for row in rows}
-        for job_id, future in batch:
-            if not future.done():
-                future.set_result(found.get(job_id))
 
 
 def stage_views(runs: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:
@@ -465,3 +416,15 @@ def status_document(
         "metadata": job.metadata,
         "updated_at": iso(job.updated_at),
     }
+
+
+def _render_poll(row: asyncpg.Record, estimate: float) -> bytes:
+    """The encoded status document for a full row of ``_POLL_QUERY``."""
+    fields = dict(row)
+    del fields["tenant"], fields["fresh"]
+    updates, runs = orjson.Fragment(fields.pop("updates")), fields.pop("runs")
+    for name in ("result", "error", "metadata"):
+        if fields[name] is not None:
+            fields[name] = orjson.Fragment(fields[name])
+    document = status_document(_PolledJob(**fields), updates, runs, estimate)
+    return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS)

@@ -294,3 +294,83 @@ async def test_a_poll_sees_a_change_committed_before_it(engine: AsyncEngine) -> 
     second = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
 
     assert (first["status"], second["status"]) == ("queued", "processing")
+
+
+async def completed_job(engine: AsyncEngine, tenant: str = "default") -> UUID:
+    job_id = await create_job(engine, tenant=tenant)
+    await add_history(engine, job_id)
+    await set_state(engine, job_id, "completed")
+    return job_id
+
+
+async def test_a_completed_jobs_document_is_kept_and_checked_on_every_poll(
+    engine: AsyncEngine,
+) -> None:
+    jobs = JobRepository(engine)
+    job_id = await completed_job(engine)
+    first = await asyncio.wait_for(jobs.poll_body(job_id), TIMEOUT)
+    second = await asyncio.wait_for(jobs.poll_body(job_id), TIMEOUT)
+    assert first is not None and second == first
+    assert jobs._polls.hits == 1 and jobs._polls.kept == 1
+    assert orjson.loads(second) == as_json(await jobs.status_document(job_id))
+
+    # Replayed: the row changes, so the kept document is dropped and read again.
+    await set_state(engine, job_id, "processing")
+    replayed = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
+    assert replayed["status"] == "processing" and replayed["current_stage"] == "seo"
+    assert jobs._polls.hits == 1 and jobs._polls.kept == 0
+
+    await set_state(engine, job_id, "completed")
+    again = await asyncio.wait_for(jobs.poll_body(job_id), TIMEOUT)
+    assert again is not None and orjson.loads(again)["status"] == "completed"
+    assert orjson.loads(again)["updated_at"] != orjson.loads(first)["updated_at"]
+    assert jobs._polls.kept == 1
+
+
+async def test_a_kept_document_follows_a_new_generation_with_the_same_timestamp(
+    engine: AsyncEngine,
+) -> None:
+    jobs = JobRepository(engine)
+    job_id = await completed_job(engine)
+    await asyncio.wait_for(jobs.poll_body(job_id), TIMEOUT)
+    async with engine.begin() as conn:  # updated_at left as it was
+        await conn.execute(
+            text("UPDATE jobs SET generation = generation + 1 WHERE id = :id"), {"id": job_id}
+        )
+    document = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
+    assert document["generation"] == 3 and jobs._polls.hits == 0
+
+
+async def test_a_kept_document_is_not_served_to_another_tenant_or_after_deletion(
+    engine: AsyncEngine,
+) -> None:
+    jobs = JobRepository(engine)
+    job_id = await completed_job(engine, tenant="acme")
+    assert await asyncio.wait_for(jobs.poll_body(job_id, tenant="acme"), TIMEOUT) is not None
+    assert await asyncio.wait_for(jobs.poll_body(job_id, tenant="globex"), TIMEOUT) is None
+    assert jobs._polls.hits == 1
+
+    async with engine.begin() as conn:
+        await conn.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": job_id})
+    assert await asyncio.wait_for(jobs.poll_body(job_id, tenant="acme"), TIMEOUT) is None
+    assert jobs._polls.kept == 0
+
+
+async def test_only_completed_jobs_are_kept_and_the_oldest_go_first(engine: AsyncEngine) -> None:
+    jobs = JobRepository(engine)
+    failed = await create_job(engine)
+    await add_history(engine, failed)
+    await set_state(engine, failed, "failed")
+    for _ in range(2):
+        await asyncio.wait_for(jobs.poll_body(failed), TIMEOUT)
+    assert (jobs._polls.hits, jobs._polls.kept) == (0, 0)
+
+    one, two = await completed_job(engine), await completed_job(engine)
+    body = await asyncio.wait_for(jobs.poll_body(one), TIMEOUT)
+    assert body is not None
+    jobs._polls.cache_bytes = len(body) + 10  # room for one document
+    await asyncio.wait_for(jobs.poll_body(two), TIMEOUT)
+    assert jobs._polls.kept == 1
+    await asyncio.wait_for(jobs.poll_body(two), TIMEOUT)
+    await asyncio.wait_for(jobs.poll_body(one), TIMEOUT)
+    assert jobs._polls.hits == 1  # two was kept; one had gone and was read in full
