@@ -222,6 +222,7 @@ def _summary(figures: dict[str, Any]) -> str:
         "peak_rss_mb",
         "max_requests_per_s",
         "rate_p99_ms",
+        "in_progress_requests_per_s",
         "transactions_per_s",
     )
     return ", ".join(f"{key}={figures[key]}" for key in keys if key in figures)

@@ -53,6 +53,7 @@ async def test_blogpipe_scenarios_report_figures(tmp_path: Path) -> None:
     assert medians["throughput"]["errors"] == 0
     assert medians["concurrency"]["errors"] == 0
     assert medians["polling"]["max_requests_per_s"] > 0
+    assert medians["polling"]["in_progress_requests_per_s"] > 0
     assert medians["single"]["latency_p50_ms"] > 0
     assert document["ratios"]["throughput_vs_ceiling"] > 0
     assert document["machine"]["cores"] >= 1
