@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
@@ -20,6 +19,7 @@ from core.db import audit
 from core.db.jobs import JobRepository
 from core.settings import Settings
 from core.ssrf import AsyncResolver
+from notifier.http1 import Http1Client
 from notifier.operations import DEFAULT_RECOVER_CAP, WebhookOperations, parse_since
 
 MAX_RECOVER_CAP = 10_000
@@ -35,7 +35,7 @@ def webhook_routes(
     engine: AsyncEngine,
     settings: Settings,
     *,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: Http1Client | None = None,
     allowed_hosts: Sequence[str] | None = None,
     allow_http: bool | None = None,
     resolver: AsyncResolver | None = None,

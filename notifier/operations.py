@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.webhooks import DeliveryHistory, DeliveryRepository, WebhookDelivery
 from core.settings import Settings
 from core.ssrf import AsyncResolver
+from notifier.http1 import Http1Client
 from notifier.payload import encode_body, ping_payload
 from notifier.sender import SendResult, WebhookSender, guard_options, new_http_client
 from notifier.signing import Signer
@@ -76,7 +76,7 @@ class WebhookOperations:
         engine: AsyncEngine,
         settings: Settings,
         *,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: Http1Client | None = None,
         allowed_hosts: Sequence[str] | None = None,
         allow_http: bool | None = None,
         resolver: AsyncResolver | None = None,

@@ -12,12 +12,12 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import httpx
+from urllib.parse import urlsplit
 
 from core.db.webhooks import EXCERPT_LIMIT, AttemptOutcome
 from core.settings import Settings
 from core.ssrf import AllowList, AsyncResolver, BlockedDestination, ResolvedTarget, resolve_target
+from notifier.http1 import ConnectFailed, Http1Client, ProtocolError
 from notifier.retry import is_success, parse_retry_after
 
 USER_AGENT = "blogpipe-webhooks/1.0"
@@ -65,9 +65,9 @@ def guard_options(
     return tuple(allowed_hosts), allow_http
 
 
-def new_http_client() -> httpx.AsyncClient:
-    """The client the notifier uses when none is given: no env proxies, no redirects."""
-    return httpx.AsyncClient(trust_env=False, follow_redirects=False)
+def new_http_client() -> Http1Client:
+    """The client the notifier uses when none is given: no proxies, no redirects."""
+    return Http1Client()
 
 
 class WebhookSender:
@@ -75,7 +75,7 @@ class WebhookSender:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: Http1Client,
         *,
         timeout: float,
         allow_http: bool,
@@ -97,26 +97,33 @@ class WebhookSender:
 
         try:
             async with asyncio.timeout(self.timeout):
-                target = await resolve_target(
-                    url,
-                    allow_http=self.allow_http,
-                    allowed_hosts=self.allow,
-                    resolver=self.resolver,
-                )
+                try:
+                    target = await resolve_target(
+                        url,
+                        allow_http=self.allow_http,
+                        allowed_hosts=self.allow,
+                        resolver=self.resolver,
+                    )
+                except BlockedDestination as exc:
+                    return SendResult(
+                        url, latency_ms=elapsed(), error=f"refused: {exc}", blocked=True
+                    )
+                except OSError as exc:
+                    return SendResult(
+                        url, latency_ms=elapsed(), error=f"DNS resolution failed: {exc}"
+                    )
                 last_error = "no address to connect to"
                 for address in target.addresses:
                     try:
                         return await self._post_to(target, address, body, headers, started)
-                    except httpx.ConnectError as exc:
-                        last_error = f"connection to {address} failed: {exc or type(exc).__name__}"
+                    except ConnectFailed as exc:
+                        last_error = f"connection to {address} failed: {exc}"
                 return SendResult(url, latency_ms=elapsed(), error=last_error)
-        except BlockedDestination as exc:
-            return SendResult(url, latency_ms=elapsed(), error=f"refused: {exc}", blocked=True)
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             return SendResult(url, latency_ms=elapsed(), error=f"timed out after {self.timeout:g}s")
-        except OSError as exc:
-            return SendResult(url, latency_ms=elapsed(), error=f"DNS resolution failed: {exc}")
-        except httpx.HTTPError as exc:
+        except ProtocolError as exc:
+            return SendResult(url, latency_ms=elapsed(), error=f"invalid HTTP response: {exc}")
+        except (OSError, ValueError) as exc:
             detail = str(exc) or type(exc).__name__
             return SendResult(url, latency_ms=elapsed(), error=f"{type(exc).__name__}: {detail}")
 
@@ -128,35 +135,24 @@ class WebhookSender:
         headers: Mapping[str, str],
         started: float,
     ) -> SendResult:
-        request = self.client.build_request(
-            "POST",
-            target.url_for(address),
-            content=body.encode(),
-            headers={
-                "content-type": "application/json",
-                "user-agent": USER_AGENT,
-                **headers,
-                "host": target.host_header,
-            },
-            extensions={"sni_hostname": target.host},
-            timeout=self.timeout,
+        parts = urlsplit(target.url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        response = await self.client.post(
+            scheme=target.scheme,
+            address=address,
+            port=target.port,
+            host=target.host,
+            host_header=target.host_header,
+            target=path,
+            body=body.encode(),
+            headers={"content-type": "application/json", "user-agent": USER_AGENT, **headers},
+            excerpt_limit=EXCERPT_LIMIT,
         )
-        response = await self.client.send(request, stream=True, follow_redirects=False)
         latency_ms = round((time.perf_counter() - started) * 1000.0, 2)
-        excerpt = bytearray()
-        try:
-            async for chunk in response.aiter_bytes():
-                excerpt.extend(chunk)
-                if len(excerpt) >= EXCERPT_LIMIT:
-                    break
-        except httpx.HTTPError:
-            pass  # the status code is what counts; the excerpt is best effort
-        finally:
-            await response.aclose()
         return SendResult(
             target.url,
             status_code=response.status_code,
             latency_ms=latency_ms,
-            response_excerpt=bytes(excerpt[:EXCERPT_LIMIT]).decode("utf-8", "replace"),
+            response_excerpt=response.body[:EXCERPT_LIMIT].decode("utf-8", "replace"),
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -40,6 +39,7 @@ from core.events import JobEvent
 from core.requests import DEFAULT_CALLBACK_EVENTS
 from core.settings import Settings
 from core.ssrf import AsyncResolver
+from notifier.http1 import Http1Client
 from notifier.payload import build_payload, encode_body
 from notifier.retry import GONE, RETRY_AFTER_STATUSES, RetryPolicy
 from notifier.sender import SendResult, WebhookSender, guard_options, new_http_client
@@ -63,7 +63,7 @@ class Notifier:
         broker: Broker | None,
         settings: Settings,
         *,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: Http1Client | None = None,
         allowed_hosts: Sequence[str] | None = None,
         allow_http: bool | None = None,
         resolver: AsyncResolver | None = None,
