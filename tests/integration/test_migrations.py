@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.schema import metadata
+from tests.support.waiting import wait_for
 
 
 async def test_migrations_match_models(engine: AsyncEngine) -> None:
@@ -39,3 +41,51 @@ async def test_large_json_columns_use_lz4_when_the_server_has_it(engine: AsyncEn
     assert len(rows) == 4
     expected = "l" if available else ""
     assert {column: method for column, method in rows} == {column: expected for column, _ in rows}
+
+
+async def test_a_progress_update_of_a_job_writes_no_index(engine: AsyncEngine) -> None:
+    """Only status is indexed among the columns a stage hand-off changes, so those
+    updates are HOT (heap-only) while the page has room (fillfactor 80)."""
+
+    async def hot_updates() -> int:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+            return int(
+                (
+                    await connection.exec_driver_sql(
+                        "SELECT pg_stat_get_tuples_hot_updated('jobs'::regclass)"
+                    )
+                ).scalar_one()
+            )
+
+    before = await hot_updates()
+    async with engine.connect() as connection:
+        job_id = (
+            await connection.exec_driver_sql(
+                "INSERT INTO jobs (id, tenant, status, request) VALUES"
+                " (gen_random_uuid(), 'default', 'processing', '{}') RETURNING id"
+            )
+        ).scalar_one()
+        await connection.commit()
+        for step in range(1, 6):
+            await connection.execute(
+                text(
+                    "UPDATE jobs SET progress_percentage = :pct, current_stage = 'draft',"
+                    " updated_at = now() WHERE id = :id"
+                ),
+                {"pct": step * 10.0, "id": job_id},
+            )
+            await connection.commit()
+        await connection.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+        await connection.commit()
+        options = (
+            await connection.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = 'jobs'"
+            )
+        ).scalar_one()
+    assert options == ["fillfactor=80"]
+
+    async def all_hot() -> bool:
+        return await hot_updates() - before >= 5
+
+    await wait_for(all_hot, timeout=20, message="five HOT updates of the job row")
