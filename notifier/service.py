@@ -103,6 +103,10 @@ class Notifier:
         self.disable_after_failures = disable_after_failures
         self.disable_after = disable_after
         self._wake = asyncio.Event()
+        # While the delivery loop runs, a new delivery is stored already claimed and sent
+        # at once by a task of its own, rather than waiting for the loop's next claim.
+        self._sending = False
+        self._first_attempts: set[asyncio.Task[None]] = set()
 
     async def run(self, *, ensure_subscription: bool = False) -> None:
         """Consume job events and send webhooks until cancelled.
@@ -182,17 +186,22 @@ class Notifier:
         payload = build_payload(
             event.type, event.occurred_at, document, public_base_url=self.settings.public_base_url
         )
-        stored, created = await self.deliveries.create(
-            NewDelivery(
-                job_id=job.id,
-                tenant=job.tenant,
-                event_id=event.event_id,
-                event_type=event.type,
-                url=job.callback_url,
-                payload=payload,
-                occurred_at=event.occurred_at,
-            )
+        new = NewDelivery(
+            job_id=job.id,
+            tenant=job.tenant,
+            event_id=event.event_id,
+            event_type=event.type,
+            url=job.callback_url,
+            payload=payload,
+            occurred_at=event.occurred_at,
         )
+        claimed = None
+        if self._sending:
+            stored, created, claimed = await self.deliveries.create_claimed(
+                new, lease_seconds=self.lease_seconds
+            )
+        else:
+            stored, created = await self.deliveries.create(new)
         if created:
             logger.info(
                 "Queued %s webhook %s for job %s (%s)",
@@ -202,12 +211,45 @@ class Notifier:
                 stored.status,
                 extra=self._extra("webhook_queued", stored),
             )
-            if stored.status == PENDING:
+            if claimed is not None:
+                task = asyncio.create_task(self._first_attempt(claimed))
+                self._first_attempts.add(task)
+                task.add_done_callback(self._first_attempts.discard)
+            elif stored.status == PENDING:
                 self.wake()
         return stored
 
+    async def _first_attempt(self, claimed: ClaimedDelivery) -> None:
+        try:
+            await self._attempt(claimed)
+        except Exception as exc:  # the lease runs out and a sweep retries it
+            logger.error(
+                "Could not record webhook attempt %s: %s",
+                claimed.delivery.id,
+                exc,
+                exc_info=exc,
+                extra=self._extra("webhook_record_failed", claimed.delivery),
+            )
+
     async def deliver_forever(self) -> None:
-        """Send due deliveries until cancelled: at once when woken, else on the poll."""
+        """Send due deliveries until cancelled: at once when woken, else on the poll.
+
+        While it runs, deliveries stored by ``enqueue`` go out at once (see ``_sending``);
+        when it stops, the attempts still in flight are cancelled and their deliveries
+        handed back unsent.
+        """
+        self._sending = True
+        try:
+            await self._deliver_until_cancelled()
+        finally:
+            self._sending = False
+            attempts = list(self._first_attempts)
+            for task in attempts:
+                task.cancel()
+            if attempts:
+                await asyncio.wait(attempts, timeout=10.0)
+
+    async def _deliver_until_cancelled(self) -> None:
         while True:
             self._wake.clear()
             try:

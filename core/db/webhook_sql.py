@@ -32,13 +32,16 @@ EVENT_JOB = Statement(STATUS_QUERY)
 # Stores a delivery once per event. The endpoint row is created if missing, else
 # share-locked, so a concurrent disable is ordered before or after this, never in between.
 # A progress event older than another delivery of its job is stored as skipped; a new
-# delivery skips the unsent progress deliveries before it. No row comes back when a
-# concurrent handler stored the event first (it is not in this statement's snapshot).
+# delivery skips the unsent progress deliveries before it. With ``:send_now``, a delivery
+# that nothing of its job and endpoint waits before is stored already claimed for its
+# first attempt (as ``CLAIM`` would), with the secrets to sign it. No row comes back when
+# a concurrent handler stored the event first (it is not in this statement's snapshot).
 CREATE = Statement(f"""
 WITH existing AS (
     SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = :id
 ), endpoint AS (
-    SELECT status FROM webhook_endpoints WHERE tenant = :tenant AND url = :url FOR SHARE
+    SELECT status, {", ".join(SECRET_COLUMNS)} FROM webhook_endpoints
+    WHERE tenant = :tenant AND url = :url FOR SHARE
 ), new_endpoint AS (
     INSERT INTO webhook_endpoints (tenant, url)
     SELECT :tenant::text, :url::text WHERE NOT EXISTS (SELECT 1 FROM endpoint)
@@ -49,14 +52,19 @@ WITH existing AS (
                 SELECT 1 FROM webhook_deliveries WHERE job_id = :job_id AND url = :url
                 AND occurred_at > :occurred_at) THEN 'skipped'
             WHEN EXISTS (SELECT 1 FROM endpoint WHERE status = 'disabled') THEN 'held'
+            WHEN :send_now::boolean AND NOT EXISTS (
+                SELECT 1 FROM webhook_deliveries WHERE job_id = :job_id AND url = :url
+                AND status IN ('pending', 'sending', 'held')) THEN 'sending'
             ELSE 'pending'
         END AS status
     WHERE NOT EXISTS (SELECT 1 FROM existing)
 ), inserted AS (
     INSERT INTO webhook_deliveries (id, job_id, tenant, event_id, event_type, url, payload,
-        status, next_attempt_at, occurred_at, last_error)
+        status, attempt_count, next_attempt_at, occurred_at, last_error)
     SELECT :id::uuid, :job_id::uuid, :tenant::text, :event_id::text, :event_type::text,
-        :url::text, :payload::jsonb, status, CASE WHEN status = 'pending' THEN now() END,
+        :url::text, :payload::jsonb, status, CASE WHEN status = 'sending' THEN 1 ELSE 0 END,
+        CASE WHEN status = 'pending' THEN now()
+            WHEN status = 'sending' THEN now() + make_interval(secs => :lease) END,
         :occurred_at::timestamptz,
         CASE WHEN status = 'skipped' THEN 'superseded by a later event' END
     FROM verdict
@@ -72,9 +80,10 @@ WITH existing AS (
         AND occurred_at <= :occurred_at AND id <> :id FOR UPDATE SKIP LOCKED)
     AND EXISTS (SELECT 1 FROM inserted)
 )
-SELECT *, true AS created FROM inserted
+SELECT i.*, true AS created, {", ".join(f"e.{name}" for name in SECRET_COLUMNS)}
+FROM inserted i LEFT JOIN endpoint e ON true
 UNION ALL
-SELECT *, false AS created FROM existing""")
+SELECT *, false AS created, NULL, NULL, NULL FROM existing""")
 
 # Claims due deliveries for one attempt each, for a lease (see ``claim_due``), and reads
 # the secrets their endpoints sign with. When it claims nothing, its one row (delivery

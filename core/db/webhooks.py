@@ -111,6 +111,20 @@ class DeliveryRepository:
         ``skipped``, and storing any delivery skips the unsent progress deliveries before it:
         progress is never sent after a later event. A disabled endpoint gets ``held`` ones.
         """
+        delivery, created, _ = await self._store(new, send_now=False, lease_seconds=0.0)
+        return delivery, created
+
+    async def create_claimed(
+        self, new: NewDelivery, *, lease_seconds: float
+    ) -> tuple[WebhookDelivery, bool, ClaimedDelivery | None]:
+        """``create``, with the new delivery claimed for its first attempt in the same
+        statement when nothing earlier of its job and endpoint is unsettled (what
+        ``claim_due`` would do next, without the round trip); the claim, or None."""
+        return await self._store(new, send_now=True, lease_seconds=lease_seconds)
+
+    async def _store(
+        self, new: NewDelivery, *, send_now: bool, lease_seconds: float
+    ) -> tuple[WebhookDelivery, bool, ClaimedDelivery | None]:
         delivery_id = delivery_id_for(new.event_id)
         statement = sql.CREATE
         async with raw_connection(self.engine) as conn:
@@ -125,15 +139,23 @@ class DeliveryRepository:
                     url=new.url,
                     payload=new.payload,
                     occurred_at=new.occurred_at,
+                    send_now=send_now,
+                    lease=float(lease_seconds),
                 ),
             )
             if row is None:  # a concurrent handler stored it first
                 row = await conn.fetchrow(_GET_DELIVERY, delivery_id)
                 assert row is not None
-                return _delivery(row), False
+                return _delivery(row), False, None
         fields = dict(row)
         created = fields.pop("created")
-        return WebhookDelivery(**fields), created
+        secrets = {name: fields.pop(name) for name in sql.SECRET_COLUMNS}
+        delivery = WebhookDelivery(**fields)
+        if not created or delivery.status != SENDING:  # an existing one is someone else's
+            return delivery, created, None
+        has_row = any(value is not None for value in secrets.values())
+        claimed = ClaimedDelivery(delivery, EndpointSecrets(**secrets) if has_row else None)
+        return delivery, created, claimed
 
     async def claim_due(self, *, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
         """Claim up to ``limit`` due deliveries for one attempt each, for ``lease_seconds``.

@@ -296,3 +296,30 @@ async def test_run_consumes_events_and_sends(
     assert history.delivery.status == "succeeded"
     assert len(broker.acked) == 1
     assert webhook_receiver.requests[0].json()["type"] == "job.failed"  # type: ignore[index]
+
+
+async def test_a_new_delivery_goes_out_without_waiting_for_the_delivery_loop(
+    engine: AsyncEngine, webhook_receiver: WebhookReceiver
+) -> None:
+    """While the loop runs, a stored delivery is claimed in the same statement and sent
+    by a task of its own: here the loop sleeps for an hour and is never woken."""
+    job_id = await finished_job(engine, webhook_receiver.url)
+    notifier = make_notifier(engine, make_settings(), poll_interval=3600.0)
+    notifier.wake = lambda: None  # type: ignore[method-assign]
+    async with sending(notifier):
+        await asyncio.wait_for(notifier.handle_event(event_delivery(job_id)), timeout=10)
+        [history] = await settled(engine, job_id)
+    assert history.delivery.status == "succeeded" and len(webhook_receiver.requests) == 1
+    assert [attempt.attempt for attempt in history.attempts] == [1]
+
+
+async def test_without_the_delivery_loop_a_new_delivery_waits_for_a_sweep(
+    engine: AsyncEngine, webhook_receiver: WebhookReceiver
+) -> None:
+    job_id = await finished_job(engine, webhook_receiver.url)
+    notifier = make_notifier(engine, make_settings())
+    stored = await asyncio.wait_for(notifier.enqueue(_event(job_id)), timeout=10)
+    assert stored is not None and (stored.status, stored.attempt_count) == ("pending", 0)
+    assert await asyncio.wait_for(notifier.deliver_due(), timeout=10) == 1
+    assert len(webhook_receiver.requests) == 1
+    await asyncio.wait_for(notifier.close(), timeout=10)

@@ -107,3 +107,49 @@ async def test_settle_counts_health_only_while_the_lease_is_held(engine: AsyncEn
         (1, 500, 1.5),
         (2, 200, 1.0),
     ]
+
+
+async def test_a_new_delivery_can_be_stored_already_claimed(engine: AsyncEngine) -> None:
+    repo = DeliveryRepository(engine)
+    first = await new_delivery(engine)
+    stored, created, claimed = await asyncio.wait_for(
+        repo.create_claimed(first, lease_seconds=30), TIMEOUT
+    )
+    assert created and claimed is not None and claimed.delivery == stored
+    assert (stored.status, stored.attempt_count, stored.payload) == ("sending", 1, {"n": 1})
+    assert stored.next_attempt_at is not None
+    assert 25 < (stored.next_attempt_at - stored.created_at).total_seconds() <= 30
+    assert claimed.secrets is None  # a new endpoint: the notifier's own secret signs
+    # It is leased: the sweep finds nothing to claim.
+    sweep = await asyncio.wait_for(repo.claim_for_sending(limit=10, lease_seconds=30), TIMEOUT)
+    assert sweep.claimed == []
+
+    # The same event again: nothing new, nothing claimed.
+    again = await asyncio.wait_for(repo.create_claimed(first, lease_seconds=30), TIMEOUT)
+    assert (again[1], again[2]) == (False, None) and again[0].id == stored.id
+
+    # A later event of the same job waits for the unsettled one: stored pending.
+    later = NewDelivery(first.job_id, "default", "evt_next", "job.failed", URL, {}, _now())
+    waiting, created, none = await asyncio.wait_for(
+        repo.create_claimed(later, lease_seconds=30), TIMEOUT
+    )
+    assert created and none is None and waiting.status == "pending"
+    assert waiting.attempt_count == 0
+
+
+async def test_a_claimed_store_signs_with_the_endpoints_secret_and_respects_a_disable(
+    engine: AsyncEngine,
+) -> None:
+    repo = DeliveryRepository(engine)
+    await asyncio.wait_for(repo.set_endpoint_secret("default", URL, SECRET), TIMEOUT)
+    _, _, claimed = await asyncio.wait_for(
+        repo.create_claimed(await new_delivery(engine), lease_seconds=30), TIMEOUT
+    )
+    assert claimed is not None and claimed.secrets is not None
+    assert claimed.secrets.secret == SECRET
+
+    await asyncio.wait_for(repo.disable_endpoint("default", URL, "test"), TIMEOUT)
+    held, created, none = await asyncio.wait_for(
+        repo.create_claimed(await new_delivery(engine), lease_seconds=30), TIMEOUT
+    )
+    assert created and none is None and held.status == "held" and held.attempt_count == 0
