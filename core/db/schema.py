@@ -60,6 +60,12 @@ jobs = Table(
     # is a HOT update (no index writes) while the page has room (fillfactor 80, 0006).
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_batch", "batch_id"),
+    # The run-time estimate reads the 50 most recently completed jobs (0007).
+    Index(
+        "ix_jobs_completed_recent",
+        "completed_at",
+        postgresql_where=text("status = 'completed' AND started_at IS NOT NULL"),
+    ),
 )
 
 stage_runs = Table(

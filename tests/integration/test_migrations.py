@@ -89,3 +89,19 @@ async def test_a_progress_update_of_a_job_writes_no_index(engine: AsyncEngine) -
         return await hot_updates() - before >= 5
 
     await wait_for(all_hot, timeout=20, message="five HOT updates of the job row")
+
+
+async def test_the_run_time_estimate_reads_recent_completed_jobs_through_an_index(
+    engine: AsyncEngine,
+) -> None:
+    from core.db.jobs import _ESTIMATE_QUERY
+
+    async with engine.begin() as connection:
+        # Steer the planner off the alternatives a tiny table would win with, so what is
+        # checked is that the index can serve this very query.
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+            await connection.exec_driver_sql(f"SET LOCAL {setting} = off")
+        plan = "\n".join(
+            row[0] for row in await connection.exec_driver_sql(f"EXPLAIN {_ESTIMATE_QUERY}")
+        )
+    assert "ix_jobs_completed_recent" in plan, plan
