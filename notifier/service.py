@@ -196,7 +196,9 @@ class Notifier:
             occurred_at=event.occurred_at,
         )
         claimed = None
-        if self._sending:
+        # At most ``batch_size`` first attempts in flight, as a sweep would: past that, the
+        # delivery is stored pending and the loop sends it.
+        if self._sending and len(self._first_attempts) < self.batch_size:
             stored, created, claimed = await self.deliveries.create_claimed(
                 new, lease_seconds=self.lease_seconds
             )

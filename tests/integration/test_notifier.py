@@ -323,3 +323,23 @@ async def test_without_the_delivery_loop_a_new_delivery_waits_for_a_sweep(
     assert await asyncio.wait_for(notifier.deliver_due(), timeout=10) == 1
     assert len(webhook_receiver.requests) == 1
     await asyncio.wait_for(notifier.close(), timeout=10)
+
+
+async def test_first_attempts_in_flight_are_bounded_by_the_batch_size(
+    engine: AsyncEngine, webhook_receiver: WebhookReceiver
+) -> None:
+    job_id = await finished_job(engine, webhook_receiver.url)
+    notifier = make_notifier(engine, make_settings(), batch_size=1, poll_interval=3600.0)
+    notifier.wake = lambda: None  # type: ignore[method-assign]
+    busy = asyncio.Event()
+    blocker = asyncio.create_task(busy.wait())  # stands for one attempt still in flight
+    notifier._first_attempts.add(blocker)
+    try:
+        async with sending(notifier):
+            stored = await asyncio.wait_for(notifier.enqueue(_event(job_id)), timeout=10)
+            assert stored is not None and (stored.status, stored.attempt_count) == ("pending", 0)
+            assert webhook_receiver.requests == []
+    finally:
+        busy.set()
+        with contextlib.suppress(asyncio.CancelledError):  # stopping the loop cancels it
+            await asyncio.wait_for(blocker, timeout=10)
