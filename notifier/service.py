@@ -2,8 +2,10 @@
 
 ``run()`` does two things at once: it consumes ``blog-job-events`` and stores one
 delivery per event (idempotently, so a redelivered message changes nothing), and it
-sends due deliveries. A new delivery wakes the sender at once; a modest poll is the
-safety net for deliveries stored or re-queued by other processes.
+sends due deliveries. A new delivery is stored already claimed and sent at once by a
+task of its own (up to ``batch_size`` in flight; past that, or behind an unsettled
+earlier delivery of its job, it waits for the delivery loop); a modest poll is the
+safety net for retries and for deliveries stored or re-queued by other processes.
 """
 
 from __future__ import annotations
