@@ -216,17 +216,19 @@ class Notifier:
                 extra=self._extra("webhook_queued", stored),
             )
             if claimed is not None:
-                task = asyncio.create_task(self._first_attempt(claimed))
+                task = asyncio.create_task(self._attempt_logged(claimed))
                 self._first_attempts.add(task)
                 task.add_done_callback(self._first_attempts.discard)
             elif stored.status == PENDING:
                 self.wake()
         return stored
 
-    async def _first_attempt(self, claimed: ClaimedDelivery) -> None:
+    async def _attempt_logged(self, claimed: ClaimedDelivery) -> None:
+        """``_attempt``; a failure to record it is logged (its lease runs out and a later
+        sweep retries the delivery)."""
         try:
             await self._attempt(claimed)
-        except Exception as exc:  # the lease runs out and a sweep retries it
+        except Exception as exc:
             logger.error(
                 "Could not record webhook attempt %s: %s",
                 claimed.delivery.id,
@@ -280,22 +282,7 @@ class Notifier:
         sweep = await self.deliveries.claim_for_sending(
             limit=self.batch_size, lease_seconds=self.lease_seconds
         )
-        claimed = sweep.claimed
-        outcomes = await asyncio.gather(
-            *(self._attempt(c) for c in claimed), return_exceptions=True
-        )
-        for delivery, outcome in zip((c.delivery for c in claimed), outcomes, strict=True):
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                # The lease runs out and another sweep retries it.
-                logger.error(
-                    "Could not record webhook attempt %s: %s",
-                    delivery.id,
-                    outcome,
-                    exc_info=outcome,
-                    extra=self._extra("webhook_record_failed", delivery),
-                )
+        await asyncio.gather(*(self._attempt_logged(c) for c in sweep.claimed))
         return sweep
 
     async def _attempt(self, claimed: ClaimedDelivery) -> None:

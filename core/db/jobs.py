@@ -207,7 +207,7 @@ class JobRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._estimate: tuple[float, float] | None = None
-        self._polls = PollReads(engine, _POLL_QUERY, _render_poll, self._poll_estimate)
+        self._polls = PollReads(engine, _POLL_QUERY, _render_poll, self.estimated_seconds)
 
     async def create(
         self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
@@ -340,13 +340,6 @@ class JobRepository:
 
     async def estimated_seconds(self) -> float:
         """How long a job takes end to end, learned from recent runs."""
-        estimate = self._cached_estimate()
-        if estimate is not None:
-            return estimate
-        async with self.engine.connect() as conn:
-            return await self._estimated_total(conn)
-
-    async def _poll_estimate(self) -> float:
         estimate = self._cached_estimate()
         if estimate is None:
             async with raw_connection(self.engine) as conn:
