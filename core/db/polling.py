@@ -138,9 +138,10 @@ class PollReads:
         try:
             async with raw_connection(self.engine) as conn:
                 rows = await conn.fetch(self.query, *args)
-        except CONNECTION_LOST:
-            # A pooled connection the server closed while it sat idle: a read is safe
-            # to repeat, on a fresh connection.
+        except (*CONNECTION_LOST, asyncpg.InternalClientError):
+            # A pooled connection the server closed while it sat idle (or left mid-protocol
+            # when its backend was terminated: raw_connection has thrown it away): a read
+            # is safe to repeat, on a fresh connection.
             async with raw_connection(self.engine) as conn:
                 rows = await conn.fetch(self.query, *args)
         answers: dict[UUID, Polled] = {}

@@ -374,3 +374,27 @@ async def test_only_completed_jobs_are_kept_and_the_oldest_go_first(engine: Asyn
     await asyncio.wait_for(jobs.poll_body(two), TIMEOUT)
     await asyncio.wait_for(jobs.poll_body(one), TIMEOUT)
     assert jobs._polls.hits == 1  # two was kept; one had gone and was read in full
+
+
+async def test_a_poll_is_read_again_when_its_pooled_connection_is_broken(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend terminated under a pooled connection can leave it mid-protocol: asyncpg
+    # then says "another operation is in progress". The read is repeated on a new one.
+    import asyncpg
+
+    jobs = JobRepository(engine)
+    job_id = await create_job(engine)
+    fetch = asyncpg.Connection.fetch
+    broken: list[object] = []
+
+    async def fetch_once_broken(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        if not broken:
+            broken.append(self)
+            raise asyncpg.InternalClientError("cannot switch to state 11; another operation")
+        return await fetch(self, query, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetch", fetch_once_broken)
+    document = as_json(await asyncio.wait_for(jobs.poll_document(job_id), TIMEOUT))
+
+    assert document["status"] == "queued" and len(broken) == 1
