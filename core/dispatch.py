@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.broker import Broker, Message
+
+if TYPE_CHECKING:
+    from core.broker.postgres import Hold
 
 logger = logging.getLogger("blogpipe.dispatch")
 
@@ -52,8 +56,10 @@ class Dispatcher:
         SQL condition) holds, for hot-path statements that do a whole transition at once.
 
         Its parameters are ``:<prefix>_topic``, ``:<prefix>_data`` and
-        ``:<prefix>_attributes`` (``staging_args``); it yields ``outbox_id``, NULL when
-        the broker took the message in the transaction itself.
+        ``:<prefix>_attributes`` (``staging_args``), and with a broker that stages in the
+        statement also ``:<prefix>_hold`` and ``:<prefix>_hold_secs`` (``hold``). It yields
+        ``outbox_id``, NULL when the broker took the message in the transaction itself, and
+        ``held_id``, the copy staged leased to a consumer in this process.
         """
         staging_sql = getattr(self.broker, "staging_sql", None)
         if self.transactional and staging_sql is not None:
@@ -61,8 +67,23 @@ class Dispatcher:
         return (
             f"{name} AS (INSERT INTO outbox (topic, data, attributes)"
             f" SELECT :{prefix}_topic::text, :{prefix}_data::bytea, :{prefix}_attributes::jsonb"
-            f" WHERE {guard} RETURNING id AS outbox_id)"
+            f" WHERE {guard} RETURNING id AS outbox_id, NULL::bigint AS held_id)"
         )
+
+    def hold(self, prefix: str, topic: str) -> tuple[dict[str, object], Hold | None]:
+        """The ``staging`` CTE's hold parameters for a message to ``topic``, and the room
+        reserved with a consumer of it in this process, if any (``PostgresBroker.hold``).
+
+        After the statement, pass its ``held_id`` to ``Hold.deliver`` (or call
+        ``Hold.release`` if it failed): that consumer then handles the message at once.
+        """
+        hold_for = getattr(self.broker, "hold", None)
+        if not self.transactional or hold_for is None:
+            return {}, None
+        hold: Hold | None = hold_for(topic)
+        if hold is None:
+            return {f"{prefix}_hold": None, f"{prefix}_hold_secs": None}, None
+        return hold.args(prefix), hold
 
     @staticmethod
     def staging_args(prefix: str, topic: str, message: Message) -> dict[str, object]:

@@ -226,13 +226,42 @@ class PostgresBroker:
     @staticmethod
     def staging_sql(name: str, guard: str, prefix: str) -> str:
         """The CTE ``Dispatcher.staging`` uses: fan one message out to the topic's
-        subscriptions where ``guard`` holds, inside the caller's statement."""
+        subscriptions where ``guard`` holds, inside the caller's statement.
+
+        The copy for the subscription named by ``:<prefix>_hold`` (see ``hold``) goes in
+        already leased, as its first delivery attempt, for ``:<prefix>_hold_secs``; the
+        CTE yields its id as ``held_id``. With ``:<prefix>_hold`` NULL every copy is
+        available at once, as a plain publish."""
+        held = f"s.name = :{prefix}_hold::text"
         return (
-            f"{name} AS (INSERT INTO broker_messages (subscription, data, attributes)"
-            f" SELECT s.name, :{prefix}_data::bytea, :{prefix}_attributes::jsonb"
+            f"{name} AS (INSERT INTO broker_messages"
+            f" (subscription, data, attributes, attempts, available_at)"
+            f" SELECT s.name, :{prefix}_data::bytea, :{prefix}_attributes::jsonb,"
+            f" CASE WHEN {held} THEN 1 ELSE 0 END, CASE WHEN {held}"
+            f" THEN now() + make_interval(secs => :{prefix}_hold_secs::float8) ELSE now() END"
             f" FROM broker_subscriptions s WHERE s.topic = :{prefix}_topic::text AND {guard}"
-            f" ORDER BY s.name RETURNING NULL::bigint AS outbox_id)"
+            f" ORDER BY s.name"
+            f" RETURNING NULL::bigint AS outbox_id, CASE WHEN attempts = 1 THEN id END AS held_id)"
         )
+
+    def hold(self, topic: str) -> Hold | None:
+        """Room with a consumer of ``topic`` in this process for a message about to be
+        staged, or None when no local consumer has room.
+
+        The statement that stages the message writes that consumer's copy already leased to
+        it (``staging_sql``), and after commit ``Hold.deliver`` hands it over in memory: no
+        NOTIFY, no lease statement, no wait for a wake-up. The row is as durable as any
+        other; if this process dies first, its lease lapses and any consumer takes it.
+        """
+        best: _Consumer | None = None
+        for group in self._consumers.values():
+            for consumer in group:
+                if consumer.can_hold(topic) and (best is None or consumer.room > best.room):
+                    best = consumer
+        if best is None:
+            return None
+        best.reserved += 1
+        return Hold(best)
 
     async def subscribe(
         self, subscription: str, handler: Handler, *, max_in_flight: int = 100
@@ -336,6 +365,41 @@ class PostgresBroker:
             self._wake_all()  # consumers poll while the listener is down
 
 
+class Hold:
+    """Room reserved with a local consumer for one message being staged (``PostgresBroker.hold``).
+
+    Exactly one of ``deliver`` and ``release`` takes effect; later calls do nothing.
+    """
+
+    __slots__ = ("_consumer", "_open")
+
+    def __init__(self, consumer: _Consumer) -> None:
+        self._consumer = consumer
+        self._open = True
+
+    def args(self, prefix: str) -> dict[str, object]:
+        """The ``staging_sql`` parameters that lease the copy to the reserving consumer."""
+        spec = self._consumer.spec
+        assert spec is not None
+        return {
+            f"{prefix}_hold": self._consumer.name,
+            f"{prefix}_hold_secs": spec.ack_deadline_seconds,
+        }
+
+    def deliver(self, row_id: int | None, message: Message) -> None:
+        """After commit: hand the leased copy ``row_id`` to the consumer (None: nothing was
+        staged, so only the room is given back)."""
+        if self._open:
+            self._open = False
+            self._consumer.reserved -= 1
+            if row_id is not None:
+                self._consumer.adopt(row_id, message)
+
+    def release(self) -> None:
+        """The statement failed or staged nothing: give the room back."""
+        self.deliver(None, Message(b""))
+
+
 @dataclass
 class _Lease:
     row_id: int
@@ -376,6 +440,38 @@ class _Consumer:
         self._conn: asyncpg.Connection | None = None
         self._in_flight: dict[int, tuple[_Lease, asyncio.Task[None]]] = {}
         self._outcomes: list[tuple[_Lease, float | None]] = []  # delay None means ack
+        self.reserved = 0  # room promised to messages being staged (``Hold``)
+        self._unstarted: list[_Lease] = []  # handed over while stopping: released at shutdown
+
+    @property
+    def room(self) -> int:
+        return self.max_in_flight - len(self._in_flight) - self.reserved
+
+    def can_hold(self, topic: str) -> bool:
+        """Whether a message of ``topic`` may be staged leased to this consumer."""
+        return (
+            not self.drain
+            and self.spec is not None
+            and self.spec.topic == topic
+            and self._conn is not None
+            and not self._stopping.is_set()
+            and self.room > 0
+        )
+
+    def adopt(self, row_id: int, message: Message) -> None:
+        """Handle a message staged already leased to this consumer, as its first attempt."""
+        assert self.spec is not None
+        now = self._loop.time()
+        lease = _Lease(row_id, 1, now, now)
+        if self._stopping.is_set():
+            self._unstarted.append(lease)
+            return
+        delivery = Delivery(str(row_id), message.data, dict(message.attributes), 1, self.name)
+        self._in_flight[row_id] = (lease, asyncio.create_task(self._deliver(lease, delivery)))
+        extend_at = now + self.spec.ack_deadline_seconds / 3
+        if extend_at < self._extend_at:
+            self._extend_at = extend_at
+            self._wake.set()  # it may be asleep past the first extension
 
     def poke(self) -> None:
         self._dirty = True
@@ -428,7 +524,7 @@ class _Consumer:
         if now >= self._due_at:
             self._dirty, self._due_at = True, float("inf")
         leased = -1
-        capacity = self.max_in_flight - len(self._in_flight)
+        capacity = self.room
         if (self._dirty or self.drain) and capacity > 0:
             self._dirty = False
             leased = await self._lease(conn, capacity)
@@ -586,8 +682,9 @@ class _Consumer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        unfinished = [lease for lease, _ in self._in_flight.values()]
+        unfinished = [lease for lease, _ in self._in_flight.values()] + self._unstarted
         self._in_flight.clear()
+        self._unstarted = []
         # A cancelled query may have left the connection mid-protocol: start afresh.
         await self._drop_connection()
         if not (self._outcomes or unfinished) or self.spec is None:

@@ -24,6 +24,7 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.broker import Message
 from core.constants import (
     EVENTS_TOPIC,
     STAGE_PROGRESS,
@@ -35,6 +36,7 @@ from core.constants import (
 )
 from core.db import pipeline_sql as sql
 from core.db.raw import raw_connection
+from core.db.statements import Statement
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
 from core.llm import Usage
@@ -116,8 +118,7 @@ class PipelineStore:
         """
         # A new job is queued at generation 1: start it in one statement. Anything else
         # (a duplicate delivery, a job already finished or gone) reads the job to say why.
-        started, outbox_id = await self._start(job_id, 1)
-        if not started:
+        if not await self._start(job_id, 1):
             async with raw_connection(self.engine) as conn:
                 row = await conn.fetchrow(sql.JOB_STATE, job_id)
             if row is None:
@@ -125,26 +126,40 @@ class PipelineStore:
             if row["status"] not in ("queued", "pending"):
                 finished = row["status"] in ("completed", "failed", "cancelled")
                 return "finished" if finished else "already_started"
-            started, outbox_id = await self._start(job_id, row["generation"])
-            if not started:  # it moved on between the two statements
-                return "already_started"
-        await self.dispatcher.flush([outbox_id])
+            if not await self._start(job_id, row["generation"]):
+                return "already_started"  # it moved on between the two statements
         logger.info(
             "Job %s started", job_id, extra={"action": "job_started", "job_id": str(job_id)}
         )
         return "started"
 
-    async def _start(self, job_id: UUID, generation: int) -> tuple[bool, int | None]:
+    async def _start(self, job_id: UUID, generation: int) -> bool:
         first = StageMessage(job_id, STAGES[0], generation).to_message()
-        statement = self._sql.start
-        row = await statement.fetchrow(
-            self.engine,
-            job=job_id,
-            generation=generation,
-            stage=STAGES[0],
-            **Dispatcher.staging_args("next", stage_topic(STAGES[0]), first),
-        )
-        return bool(row["started"]), row["outbox_id"]
+        values = {"job": job_id, "generation": generation, "stage": STAGES[0]}
+        row = await self._hand_off(self._sql.start, values, stage_topic(STAGES[0]), first)
+        return bool(row["started"])
+
+    async def _hand_off(
+        self, statement: Statement, values: dict[str, Any], topic: str, message: Message
+    ) -> Any:
+        """Run a transition that stages ``message`` on ``topic``, then send it on: a copy
+        leased to a consumer in this process is handed to it, an outbox row is published."""
+        hold_args, hold = self.dispatcher.hold("next", topic)
+        try:
+            row = await statement.fetchrow(
+                self.engine,
+                **values,
+                **Dispatcher.staging_args("next", topic, message),
+                **hold_args,
+            )
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+        if hold is not None:
+            hold.deliver(row["held_id"], message)
+        await self.dispatcher.flush([row["outbox_id"]])
+        return row
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
@@ -228,19 +243,18 @@ class PipelineStore:
         if following is not None:
             statement = self._sql.complete
             values["pct"] = STAGE_PROGRESS[claim.stage][1]
+            topic = stage_topic(following)
             message = StageMessage(claim.job_id, following, claim.generation).to_message()
-            values.update(Dispatcher.staging_args("next", stage_topic(following), message))
         else:
             statement = self._sql.finish
             values["result"] = self._result(claim, outcome, finalize)
-            event = JobEvent(
+            topic = EVENTS_TOPIC
+            message = JobEvent(
                 str(uuid.uuid4()), "job.completed", claim.job_id, claim.generation, _now()
-            )
-            values.update(Dispatcher.staging_args("next", EVENTS_TOPIC, event.to_message()))
-        row = await statement.fetchrow(self.engine, **values)
+            ).to_message()
+        row = await self._hand_off(statement, values, topic, message)
         if not row["committed"]:
             return "discarded"
-        await self.dispatcher.flush([row["outbox_id"]])
         if following is None:
             logger.info(
                 "Job %s completed",
@@ -300,21 +314,18 @@ class PipelineStore:
     ) -> bool:
         """Mark the job failed at ``stage`` and emit ``job.failed``; False if stale or finished."""
         event = JobEvent(str(uuid.uuid4()), "job.failed", job_id, generation, _now())
-        statement = self._sql.fail
-        row = await statement.fetchrow(
-            self.engine,
-            job=job_id,
-            generation=generation,
-            stage=stage,
-            message=message,
-            details=details,
-            number=stage_number(stage) if stage in STAGES else TOTAL_STAGES,
-            total=TOTAL_STAGES,
-            **Dispatcher.staging_args("next", EVENTS_TOPIC, event.to_message()),
-        )
+        values = {
+            "job": job_id,
+            "generation": generation,
+            "stage": stage,
+            "message": message,
+            "details": details,
+            "number": stage_number(stage) if stage in STAGES else TOTAL_STAGES,
+            "total": TOTAL_STAGES,
+        }
+        row = await self._hand_off(self._sql.fail, values, EVENTS_TOPIC, event.to_message())
         if not row["committed"]:
             return False
-        await self.dispatcher.flush([row["outbox_id"]])
         logger.warning(
             "Job %s failed at %s: %s",
             job_id,

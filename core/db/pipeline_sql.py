@@ -142,7 +142,8 @@ WITH job AS (
     RETURNING id
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS started,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
         # A stage that hands off to the next one.
         self.complete = Statement(f"""
 WITH job AS (
@@ -157,7 +158,8 @@ WITH job AS (
     FROM job
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
         # The last stage: the job completes with its result, and ``job.completed`` goes out.
         self.finish = Statement(f"""
 WITH job AS (
@@ -175,7 +177,8 @@ WITH job AS (
     ORDER BY e.n
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
         self.fail = Statement(f"""
 WITH job AS (
     UPDATE jobs SET status = 'failed', current_stage = :stage, error_message = :message,
@@ -189,4 +192,5 @@ WITH job AS (
     FROM job
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id{sync}""")
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")

@@ -65,7 +65,10 @@ async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
     for store, expected in ((transactional, "off"), (outbox, "on")):
         # The setting each kind of transition leaves in force when its transaction commits
         # (generation 99 is not the job's: nothing is written).
-        staged = Dispatcher.staging_args("next", "blog-outline", message)
+        staged = {
+            **Dispatcher.staging_args("next", "blog-outline", message),
+            **store.dispatcher.hold("next", "blog-outline")[0],  # no consumer here: none held
+        }
         calls = [
             (store._sql.start, {"job": job.id, "generation": 99, "stage": "research"}),
             (

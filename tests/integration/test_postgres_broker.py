@@ -13,8 +13,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.broker import Delivery, Message, Nack, SubscriptionSpec
-from core.broker.postgres import PostgresBroker
+from core.broker.postgres import CHANNEL, Hold, PostgresBroker
 from core.db.engine import plain_url
+from core.db.raw import raw_connection
+from core.db.statements import Statement
+from core.dispatch import Dispatcher
 from tests.support.brokers import Recorder, subscribed, unique
 from tests.support.waiting import wait_for
 
@@ -295,3 +298,121 @@ def _listening(broker: PostgresBroker) -> Callable[[], Awaitable[bool]]:
 
 async def _at_least(recorder: Recorder, count: int) -> bool:
     return await recorder.count() >= count
+
+
+async def stage(
+    engine: AsyncEngine, broker: PostgresBroker, topic: str, message: Message, hold: Hold | None
+) -> int | None:
+    """Stage ``message`` the way a hand-off statement does; the id of a held copy."""
+    sql = f"WITH {broker.staging_sql('staged', 'true', 'm')} SELECT max(held_id) FROM staged"
+    held = hold.args("m") if hold is not None else {"m_hold": None, "m_hold_secs": None}
+    async with raw_connection(engine) as conn:
+        statement = Statement(sql)
+        args = statement.args(**Dispatcher.staging_args("m", topic, message), **held)
+        return await asyncio.wait_for(conn.fetchval(statement.sql, *args), TIMEOUT)
+
+
+async def room_with(broker: PostgresBroker, topic: str) -> Hold:
+    """A hold with the local consumer of ``topic``, once it is up."""
+    holds: list[Hold] = []
+
+    async def held() -> bool:
+        hold = broker.hold(topic)
+        if hold is not None:
+            holds.append(hold)
+        return hold is not None
+
+    await wait_for(held, timeout=TIMEOUT, message="a local consumer with room")
+    return holds[0]
+
+
+async def test_a_held_message_is_handed_to_the_local_consumer_leased(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    broker.poll_interval = NEVER  # nothing but the hand-over can bring it
+    spec = await make_subscription(broker)
+    recorder = Recorder()
+    async with subscribed(broker, spec.name, recorder):
+        hold = await room_with(broker, spec.topic)
+        message = Message(b"held", {"k": "v"})
+        held_id = await stage(engine, broker, spec.topic, message, hold)
+        assert held_id is not None
+        assert await rows(engine, spec.name) == [(held_id, 1)]  # leased: first attempt
+        async with engine.connect() as conn:
+            query = text("SELECT available_at > now() FROM broker_messages WHERE id = :id")
+            assert (await conn.execute(query, {"id": held_id})).scalar_one()
+        hold.deliver(held_id, message)
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the hand-over")
+        await wait_for(lambda: _empty(engine, spec.name), timeout=TIMEOUT, message="the ack")
+    (delivery,) = recorder.deliveries
+    assert (delivery.message_id, delivery.data, delivery.attributes) == (
+        str(held_id),
+        b"held",
+        {"k": "v"},
+    )
+    assert delivery.delivery_attempt == 1 and delivery.subscription == spec.name
+
+
+async def test_a_held_message_never_handed_over_is_delivered_when_its_lease_ends(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    # The process that staged it died between commit and hand-over: the row is durable
+    # and its lease lapses like any other.
+    broker.poll_interval = NEVER
+    spec = await make_subscription(broker, ack_deadline_seconds=0.5)
+    async with subscribed(broker, spec.name, Recorder()):
+        hold = await room_with(broker, spec.topic)
+        held_id = await stage(engine, broker, spec.topic, Message(b"orphan"), hold)
+        hold.release()
+    other = PostgresBroker(engine)
+    recorder = Recorder()
+    try:
+
+        async def redelivered() -> bool:
+            await drain(other, spec.name, recorder)
+            return recorder.attempts(b"orphan") == [2]
+
+        await wait_for(redelivered, timeout=TIMEOUT, message="the lapsed lease")
+    finally:
+        await asyncio.wait_for(other.close(), TIMEOUT)
+    assert recorder.deliveries[0].message_id == str(held_id)
+
+
+async def test_no_hold_without_a_local_consumer_with_room(broker: PostgresBroker) -> None:
+    spec = await make_subscription(broker)
+    assert broker.hold(spec.topic) is None  # nobody subscribed here
+    release = asyncio.Event()
+    busy = Recorder(lambda _: release.wait())
+    async with subscribed(broker, spec.name, busy, max_in_flight=2):
+        hold = await room_with(broker, spec.topic)  # one of the two places, reserved
+        await broker.publish(spec.topic, Message(b"x"))
+        await wait_for(busy.count, timeout=TIMEOUT, message="the delivery")
+        assert broker.hold(spec.topic) is None  # one handling, one reserved: full
+        assert broker.hold(unique("topic")) is None
+        hold.release()
+        assert broker.hold(spec.topic) is not None
+        release.set()
+
+
+async def test_only_available_rows_notify(
+    broker: PostgresBroker, engine: AsyncEngine, database_url: str
+) -> None:
+    held_spec, other_spec = await make_subscription(broker), await make_subscription(broker)
+    heard: list[str] = []
+    listener = await asyncio.wait_for(asyncpg.connect(plain_url(database_url)), TIMEOUT)
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: heard.append(args[-1]))
+        async with subscribed(broker, held_spec.name, Recorder(lambda _: asyncio.Event().wait())):
+            hold = await room_with(broker, held_spec.topic)
+            await stage(engine, broker, held_spec.topic, Message(b"held"), hold)
+            hold.release()
+            await stage(engine, broker, other_spec.topic, Message(b"available"), None)
+
+            # Notifications arrive in commit order: the held row's would come first.
+            async def notified() -> bool:
+                return other_spec.name in heard
+
+            await wait_for(notified, timeout=TIMEOUT, message="a NOTIFY")
+    finally:
+        await asyncio.wait_for(listener.close(), TIMEOUT)
+    assert heard == [other_spec.name]

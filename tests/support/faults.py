@@ -62,9 +62,14 @@ def duplicate_stage_messages(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
             def staging_twice(name: str, guard: str, prefix: str) -> str:
                 copies = f"CASE WHEN :{prefix}_topic::text IN ({topics}) THEN 2 ELSE 1 END"
-                return str(staging_sql(name, guard, prefix)).replace(
+                held = f"s.name = :{prefix}_hold::text"
+                sql = str(staging_sql(name, guard, prefix))
+                assert held in sql
+                # The copy handed to a local consumer is the first; the second is available
+                # at once, to whichever consumer leases it.
+                return sql.replace(held, f"{held} AND copy.n = 1").replace(
                     "FROM broker_subscriptions s",
-                    f"FROM broker_subscriptions s CROSS JOIN generate_series(1, {copies})",
+                    f"FROM broker_subscriptions s CROSS JOIN generate_series(1, {copies}) copy(n)",
                 )
 
             broker.staging_sql = staging_twice
