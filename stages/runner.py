@@ -67,7 +67,9 @@ class StageRunner:
                 extra={"action": "message_misrouted"},
             )
             return
-        claim = await self.store.claim(message)
+        claim = self.store.take_opened(delivery.message_id, message) or await self.store.claim(
+            message
+        )
         if isinstance(claim, Skip):
             self._log_skip(message, claim)
             if claim.reason == "leased":

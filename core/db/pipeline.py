@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -42,6 +43,10 @@ from core.events import JobEvent, StageMessage
 from core.llm import Usage
 
 logger = logging.getLogger("blogpipe.pipeline")
+
+Opening = tuple[Statement, dict[str, Any], Callable[[Any, Mapping[str, Any]], "Claim"]]
+"""A statement that also opens the next run, its extra values, and how to build its claim
+from the statement's row and values."""
 
 Finalizer = Callable[[Mapping[str, Mapping[str, Any]], list[dict[str, Any]], float], dict[str, Any]]
 """Builds the final result from stage outputs, per-stage usage, and generation time."""
@@ -109,6 +114,9 @@ class PipelineStore:
             dispatcher.transactional if asynchronous_commit is None else asynchronous_commit
         )
         self._sql = sql.Transitions(dispatcher, asynchronous_commit=self.asynchronous_commit)
+        # Claims made by hand-offs (``complete_claim``), by the id of the delivery that
+        # brings each to its stage in this process.
+        self._opened: dict[str, Claim] = {}
 
     async def start_job(self, job_id: UUID) -> str:
         """Move a queued job to processing and hand it to the first stage.
@@ -136,15 +144,72 @@ class PipelineStore:
     async def _start(self, job_id: UUID, generation: int) -> bool:
         first = StageMessage(job_id, STAGES[0], generation).to_message()
         values = {"job": job_id, "generation": generation, "stage": STAGES[0]}
-        row = await self._hand_off(self._sql.start, values, stage_topic(STAGES[0]), first)
+        topic = stage_topic(STAGES[0])
+        row = await self._hand_off(self._sql.start, values, topic, first, self._open_first)
         return bool(row["started"])
 
+    def _open_first(self, values: dict[str, Any]) -> Opening:
+        """``start_claim``: the start also opens the first stage's run."""
+        stage = str(values["stage"])
+        extra = {
+            "next_pct": STAGE_PROGRESS[stage][0],
+            "next_number": stage_number(stage),
+            "total": TOTAL_STAGES,
+            "lease": self.lease_seconds,
+        }
+
+        def build(row: Any, values: Mapping[str, Any]) -> Claim:
+            return Claim(
+                job_id=values["job"],
+                stage=stage,
+                generation=int(values["generation"]),
+                run_id=int(row["next_run_id"]),
+                attempt=1,
+                request=dict(row["request"]),
+                started_at=row["started_at"],
+            )
+
+        return self._sql.start_claim, extra, build
+
+    def _open_after(self, finished: Claim, values: dict[str, Any]) -> Opening | None:
+        """``complete_claim``: the hand-off also opens the next stage's run, whose claim is
+        built from ``finished``'s (see ``_can_open_next``)."""
+        if not _can_open_next(finished):
+            return None
+        following = str(next_stage(finished.stage))
+        extra = {
+            "next_stage": following,
+            "next_pct": STAGE_PROGRESS[following][0],
+            "next_number": stage_number(following),
+            "lease": self.lease_seconds,
+        }
+
+        def build(row: Any, values: Mapping[str, Any]) -> Claim:
+            return _next_claim(finished, values, int(row["next_run_id"]))
+
+        return self._sql.complete_claim, extra, build
+
     async def _hand_off(
-        self, statement: Statement, values: dict[str, Any], topic: str, message: Message
+        self,
+        statement: Statement,
+        values: dict[str, Any],
+        topic: str,
+        message: Message,
+        opener: Callable[[dict[str, Any]], Opening | None] | None = None,
     ) -> Any:
         """Run a transition that stages ``message`` on ``topic``, then send it on: a copy
-        leased to a consumer in this process is handed to it, an outbox row is published."""
+        leased to a consumer in this process is handed to it, an outbox row is published.
+
+        When a consumer here takes it, ``opener`` may swap in a statement that also opens
+        the run of the stage the message is for (``start_claim``, ``complete_claim``); the
+        claim that makes travels with the hand-over (``take_opened``), and the stage starts
+        without a claim statement.
+        """
         hold_args, hold = self.dispatcher.hold("next", topic)
+        opening = opener(values) if hold is not None and opener is not None else None
+        if opening is not None:
+            statement, extra, _ = opening
+            values = {**values, **extra}
         try:
             row = await statement.fetchrow(
                 self.engine,
@@ -157,9 +222,24 @@ class PipelineStore:
                 hold.release()
             raise
         if hold is not None:
+            if opening is not None and row["next_run_id"] is not None:
+                self._opened[str(row["held_id"])] = opening[2](row, values)
             hold.deliver(row["held_id"], message)
         await self.dispatcher.flush([row["outbox_id"]])
         return row
+
+    def take_opened(self, message_id: str, message: StageMessage) -> Claim | None:
+        """The claim a hand-over brought for delivery ``message_id``, if it brought one."""
+        claim = self._opened.pop(message_id, None)
+        if claim is None:
+            return None
+        if (claim.job_id, claim.stage, claim.generation) != (
+            message.job_id,
+            message.stage,
+            message.generation,
+        ):
+            return None
+        return claim
 
     async def claim(self, message: StageMessage) -> Claim | Skip:
         """Take ownership of a stage run, or say why not (ack or retry later)."""
@@ -241,18 +321,19 @@ class PipelineStore:
         }
         following = next_stage(claim.stage)
         if following is not None:
-            statement = self._sql.complete
             values["pct"] = STAGE_PROGRESS[claim.stage][1]
             topic = stage_topic(following)
             message = StageMessage(claim.job_id, following, claim.generation).to_message()
+            row = await self._hand_off(
+                self._sql.complete, values, topic, message, lambda v: self._open_after(claim, v)
+            )
         else:
-            statement = self._sql.finish
             values["result"] = self._result(claim, outcome, finalize)
             topic = EVENTS_TOPIC
             message = JobEvent(
                 str(uuid.uuid4()), "job.completed", claim.job_id, claim.generation, _now()
             ).to_message()
-        row = await self._hand_off(statement, values, topic, message)
+            row = await self._hand_off(self._sql.finish, values, topic, message)
         if not row["committed"]:
             return "discarded"
         if following is None:
@@ -354,6 +435,41 @@ class PipelineStore:
         stage_results = [{"stage": s, **usage[s]} for s in STAGES if s in usage]
         elapsed = (_now() - claim.started_at).total_seconds() if claim.started_at else 0.0
         return finalize(outputs, stage_results, elapsed)
+
+
+def _can_open_next(finished: Claim) -> bool:
+    """Whether the next stage's claim can be built from ``finished``'s: the last stage also
+    needs every earlier stage's usage, which only the first stage's claim (there is none
+    to read) and claims built this way carry."""
+    following = next_stage(finished.stage)
+    if following is None:
+        return False
+    if next_stage(following) is not None:
+        return True
+    return set(finished.usage) == set(STAGES[: STAGES.index(finished.stage)])
+
+
+def _next_claim(finished: Claim, values: Mapping[str, Any], run_id: int) -> Claim:
+    """The claim of the run ``complete_claim`` opened after ``finished``: what a claim
+    would have read. The finished stage's output goes through JSON as it did into the
+    database, so the next stage sees the same shapes a claim from the database gives."""
+    output = orjson.loads(orjson.dumps(values["output"], option=orjson.OPT_NON_STR_KEYS))
+    usage = {
+        "provider": values["provider"],
+        "tokens": values["pt"] + values["ct"],
+        "cost": float(values["cost"]),
+    }
+    return Claim(
+        job_id=finished.job_id,
+        stage=str(values["next_stage"]),
+        generation=finished.generation,
+        run_id=run_id,
+        attempt=1,
+        request=finished.request,
+        outputs={**finished.outputs, finished.stage: output},
+        started_at=finished.started_at,
+        usage={**finished.usage, finished.stage: usage},
+    )
 
 
 def _now() -> datetime:

@@ -144,6 +144,34 @@ WITH job AS (
 SELECT EXISTS (SELECT 1 FROM job) AS started,
     (SELECT max(outbox_id) FROM staged) AS outbox_id,
     (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+        # The same, when a consumer in this process holds the first stage's message: the
+        # first stage's run is opened too (as in ``complete_claim``).
+        self.start_claim = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET status = 'processing', started_at = now(), updated_at = now(),
+        current_stage = :stage, progress_percentage = GREATEST(progress_percentage, :next_pct)
+    WHERE id = :job AND status IN ('queued', 'pending') AND generation = :generation
+    RETURNING id, request, started_at
+), next_run AS (
+    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
+    SELECT :job, :stage, :generation, 1, 'running', now() + make_interval(secs => :lease)
+    FROM job
+    WHERE NOT EXISTS (SELECT 1 FROM stage_runs
+        WHERE job_id = :job AND stage = :stage AND generation = :generation)
+    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
+    RETURNING id
+), event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, :stage, :next_number::int, :total::int, :next_pct::float8,
+        'started', format('Stage %s started (attempt 1)', :stage::text)
+    FROM next_run
+), {staged}
+SELECT EXISTS (SELECT 1 FROM job) AS started,
+    (SELECT id FROM next_run) AS next_run_id,
+    (SELECT request FROM job) AS request,
+    (SELECT started_at FROM job) AS started_at,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
         # A stage that hands off to the next one.
         self.complete = Statement(f"""
 WITH job AS (
@@ -158,6 +186,40 @@ WITH job AS (
     FROM job
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
+    (SELECT max(outbox_id) FROM staged) AS outbox_id,
+    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+        # A stage that hands off to the next one held by a consumer in this process (see
+        # ``Dispatcher.hold``), and opens the next stage's run for it: that stage then starts
+        # without a claim. Only when the next stage has no run at this generation yet (the
+        # usual case); otherwise nothing is opened and its delivery claims as usual.
+        self.complete_claim = Statement(f"""
+WITH job AS (
+    UPDATE jobs SET progress_percentage = GREATEST(progress_percentage, :next_pct),
+        current_stage = :next_stage, updated_at = now()
+    WHERE id = :job AND generation = :generation AND status = 'processing'
+    RETURNING id
+), {_RUN_OUTCOME}, next_run AS (
+    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
+    SELECT :job, :next_stage, :generation, 1, 'running', now() + make_interval(secs => :lease)
+    FROM job
+    WHERE NOT EXISTS (SELECT 1 FROM stage_runs
+        WHERE job_id = :job AND stage = :next_stage AND generation = :generation)
+    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
+    RETURNING id
+), event AS (
+    INSERT INTO job_events ({_EVENT_COLUMNS})
+    SELECT :job, :generation, e.stage, e.number, :total::int, e.pct, e.status, e.details
+    FROM job, (VALUES
+        (1, :stage::text, :number::int, :pct::float8, 'completed',
+            format('Stage %s completed', :stage::text)),
+        (2, :next_stage::text, :next_number::int, :next_pct::float8, 'started',
+            format('Stage %s started (attempt 1)', :next_stage::text)))
+        AS e(n, stage, number, pct, status, details)
+    WHERE e.n = 1 OR EXISTS (SELECT 1 FROM next_run)
+    ORDER BY e.n
+), {staged}
+SELECT EXISTS (SELECT 1 FROM job) AS committed,
+    (SELECT id FROM next_run) AS next_run_id,
     (SELECT max(outbox_id) FROM staged) AS outbox_id,
     (SELECT max(held_id) FROM staged) AS held_id{sync}""")
         # The last stage: the job completes with its result, and ``job.completed`` goes out.

@@ -7,16 +7,18 @@ import asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.broker import SubscriptionSpec
+from core.broker import Delivery, SubscriptionSpec
 from core.broker.postgres import PostgresBroker
+from core.constants import STAGES, stage_subscription, stage_topic
 from core.db.jobs import JobRepository
-from core.db.pipeline import Claim, PipelineStore
+from core.db.pipeline import Claim, PipelineStore, Skip, StageOutcome
 from core.db.raw import raw_connection
 from core.dispatch import Dispatcher
 from core.errors import PermanentError
 from core.events import StageMessage
 from core.llm import Usage
 from core.requests import BlogRequest
+from tests.support.waiting import wait_for
 
 
 async def test_a_failed_attempt_keeps_the_tokens_it_spent(engine: AsyncEngine) -> None:
@@ -112,3 +114,241 @@ async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
                 )
                 assert await conn.fetchval("SHOW synchronous_commit") == expected
     assert await asyncio.wait_for(JobRepository(engine).status_document(job.id), 5) is not None
+
+
+async def local_consumers(broker: PostgresBroker, stages: list[str]) -> list[asyncio.Task[None]]:
+    """A consumer in this process for each of ``stages``, that takes its deliveries and
+    acks them; once each can hold a message."""
+    for stage in STAGES:
+        spec = SubscriptionSpec(stage_subscription(stage), stage_topic(stage))
+        await asyncio.wait_for(broker.ensure_subscription(spec), 10)
+    tasks = []
+    for stage in stages:
+
+        async def take(delivery: Delivery) -> None:
+            DELIVERED.setdefault(delivery.subscription, []).append(delivery)
+
+        tasks.append(asyncio.create_task(broker.subscribe(stage_subscription(stage), take)))
+    for stage in stages:
+
+        async def ready(topic: str = stage_topic(stage)) -> bool:
+            hold = broker.hold(topic)
+            if hold is not None:
+                hold.release()
+            return hold is not None
+
+        await wait_for(ready, timeout=10, message=f"the {stage} consumer")
+    return tasks
+
+
+DELIVERED: dict[str, list[Delivery]] = {}
+
+
+def outcome(stage: str) -> StageOutcome:
+    return StageOutcome(
+        output={"stage": stage, "items": [1, 2.5, "x"], "nested": {"b": 1, "a": None}},
+        provider="p",
+        model="m",
+        prompt_tokens=10 * len(stage),
+        completion_tokens=5,
+        cost=0.25,
+    )
+
+
+async def hand_over(store: PipelineStore, claim: Claim, stage: str) -> Claim:
+    """Complete ``claim`` and take the claim its hand-over brought to ``stage``."""
+    DELIVERED.clear()
+    assert await asyncio.wait_for(store.complete(claim, outcome(claim.stage)), 10) == "committed"
+
+    async def delivered() -> bool:
+        return bool(DELIVERED.get(stage_subscription(stage)))
+
+    await wait_for(delivered, timeout=10, message=f"the {stage} delivery")
+    (delivery,) = DELIVERED[stage_subscription(stage)]
+    message = StageMessage.from_bytes(delivery.data)
+    opened = store.take_opened(delivery.message_id, message)
+    assert opened is not None and store.take_opened(delivery.message_id, message) is None
+    again = await asyncio.wait_for(store.claim(message), 10)  # the run is open: leased
+    assert isinstance(again, Skip) and again.reason == "leased"
+    return opened
+
+
+async def test_a_hand_off_to_a_local_consumer_opens_the_next_stage_run(
+    engine: AsyncEngine,
+) -> None:
+    broker = PostgresBroker(engine)
+    broker.poll_interval = 3600.0
+    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
+    tasks = await local_consumers(broker, ["outline", "draft", "seo"])
+    try:
+        job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+        assert await store.start_job(job.id) == "started"
+        research = await store.claim(StageMessage(job.id, "research", job.generation))
+        assert isinstance(research, Claim)
+
+        outline = await hand_over(store, research, "outline")
+        draft = await hand_over(store, outline, "draft")
+        seo = await hand_over(store, draft, "seo")
+
+        async with engine.connect() as conn:
+            runs = (
+                await conn.execute(
+                    text(
+                        "SELECT id, stage, attempt, status, output FROM stage_runs"
+                        " WHERE job_id = :id ORDER BY id"
+                    ),
+                    {"id": job.id},
+                )
+            ).all()
+            events = (
+                await conn.execute(
+                    text(
+                        "SELECT stage, status, progress_percentage FROM job_events"
+                        " WHERE job_id = :id ORDER BY id"
+                    ),
+                    {"id": job.id},
+                )
+            ).all()
+            state = (
+                await conn.execute(
+                    text("SELECT progress_percentage, current_stage FROM jobs WHERE id = :id"),
+                    {"id": job.id},
+                )
+            ).one()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        await asyncio.wait_for(broker.close(), 10)
+    assert [(r.stage, r.attempt, r.status) for r in runs] == [
+        ("research", 1, "succeeded"),
+        ("outline", 1, "succeeded"),
+        ("draft", 1, "succeeded"),
+        ("seo", 1, "running"),
+    ]
+    assert (seo.run_id, seo.attempt, seo.generation) == (runs[3].id, 1, job.generation)
+    # What a claim would have read: every earlier output as stored, the request, the job's
+    # start, and (for the last stage) every earlier stage's usage.
+    assert seo.outputs == {r.stage: r.output for r in runs[:3]}
+    assert (seo.request, seo.started_at) == (research.request, research.started_at)
+    assert seo.usage == {
+        stage: {"provider": "p", "tokens": 10 * len(stage) + 5, "cost": 0.25}
+        for stage in ("research", "outline", "draft")
+    }
+    assert draft.outputs == {r.stage: r.output for r in runs[:2]}
+    assert [(e.stage, e.status) for e in events][-6:] == [
+        ("research", "completed"),
+        ("outline", "started"),
+        ("outline", "completed"),
+        ("draft", "started"),
+        ("draft", "completed"),
+        ("seo", "started"),
+    ]
+    assert (state.progress_percentage, state.current_stage) == (85.0, "seo")
+
+
+async def test_the_last_stage_is_claimed_as_usual_when_the_usage_is_not_carried(
+    engine: AsyncEngine,
+) -> None:
+    # The draft stage was claimed from the database (no consumer of it here when the
+    # outline handed off): its claim holds no usage, so the last stage's run is not
+    # opened by the hand-off and the last stage claims it, reading the usage itself.
+    broker = PostgresBroker(engine)
+    broker.poll_interval = 3600.0
+    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
+    tasks = await local_consumers(broker, ["seo"])
+    try:
+        job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+        assert await store.start_job(job.id) == "started"
+        claims: dict[str, Claim] = {}
+        for stage in ("research", "outline", "draft"):
+            claim = await store.claim(StageMessage(job.id, stage, job.generation))
+            assert isinstance(claim, Claim)
+            claims[stage] = claim
+            if stage != "draft":
+                assert await store.complete(claim, outcome(stage)) == "committed"
+        DELIVERED.clear()
+        assert await store.complete(claims["draft"], outcome("draft")) == "committed"
+
+        async def delivered() -> bool:
+            return bool(DELIVERED.get(stage_subscription("seo")))
+
+        await wait_for(delivered, timeout=10, message="the seo delivery")
+        (delivery,) = DELIVERED[stage_subscription("seo")]
+        message = StageMessage.from_bytes(delivery.data)
+        assert store.take_opened(delivery.message_id, message) is None
+        seo = await asyncio.wait_for(store.claim(message), 10)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        await asyncio.wait_for(broker.close(), 10)
+    assert isinstance(seo, Claim) and seo.attempt == 1
+    assert set(seo.usage) == {"research", "outline", "draft"}
+
+
+async def test_a_start_held_by_a_local_consumer_opens_the_first_stage_run(
+    engine: AsyncEngine,
+) -> None:
+    broker = PostgresBroker(engine)
+    broker.poll_interval = 3600.0
+    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
+    tasks = await local_consumers(broker, ["research"])
+    try:
+        request = BlogRequest(topic="A topic", keywords=["k"])
+        job = await JobRepository(engine).create(request)
+        DELIVERED.clear()
+        assert await asyncio.wait_for(store.start_job(job.id), 10) == "started"
+
+        async def delivered() -> bool:
+            return bool(DELIVERED.get(stage_subscription("research")))
+
+        await wait_for(delivered, timeout=10, message="the research delivery")
+        (delivery,) = DELIVERED[stage_subscription("research")]
+        message = StageMessage.from_bytes(delivery.data)
+        research = store.take_opened(delivery.message_id, message)
+        again = await asyncio.wait_for(store.claim(message), 10)
+        async with engine.connect() as conn:
+            job_row = (
+                await conn.execute(
+                    text(
+                        "SELECT request, started_at, progress_percentage, current_stage"
+                        " FROM jobs WHERE id = :id"
+                    ),
+                    {"id": job.id},
+                )
+            ).one()
+            run = (
+                await conn.execute(
+                    text("SELECT id, stage, attempt, status FROM stage_runs WHERE job_id = :id"),
+                    {"id": job.id},
+                )
+            ).one()
+            events = (
+                await conn.execute(
+                    text("SELECT stage, status, details FROM job_events WHERE job_id = :id"),
+                    {"id": job.id},
+                )
+            ).all()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        await asyncio.wait_for(broker.close(), 10)
+    assert isinstance(again, Skip) and again.reason == "leased"
+    assert research == Claim(
+        job_id=job.id,
+        stage="research",
+        generation=job.generation,
+        run_id=run.id,
+        attempt=1,
+        request=job_row.request,
+        started_at=job_row.started_at,
+    )
+    assert (run.stage, run.attempt, run.status) == ("research", 1, "running")
+    assert (job_row.progress_percentage, job_row.current_stage) == (5.0, "research")
+    assert [tuple(e) for e in events][-1] == (
+        "research",
+        "started",
+        "Stage research started (attempt 1)",
+    )
