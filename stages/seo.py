@@ -38,7 +38,7 @@ class SeoStage:
         )
         content = MarkdownDoc(cited.markdown)
         prose = plain_text("\n\n".join(content.paragraphs))
-        excerpt = " ".join(prose.split()[:EXCERPT_WORDS])
+        excerpt = " ".join(prose.split(maxsplit=EXCERPT_WORDS)[:EXCERPT_WORDS])
         context: dict[str, Any] = {
             "title": title,
             "headings": [h.text for h in content.headings if h.level == 2],

@@ -154,3 +154,40 @@ def test_request_options_become_explicit_requirements() -> None:
     assert any("pros and cons" in rule for rule in product)
     assert any("Markdown table" in rule for rule in product)
     assert not any("Fact checking" in rule for rule in product)
+
+
+def test_the_boilerplate_prefilter_never_hides_a_match() -> None:
+    import random
+
+    from stages.quality import _BOILERPLATE, check_boilerplate
+
+    pieces = [
+        "As an AI",
+        "as a language model",
+        "AS AN AI LANGUAGE MODEL",
+        "I'm sorry",
+        "i am Unable",
+        "I cannot help",
+        "i cannot",
+        "my knowledge cutoff",
+        "Lorem Ipsum",
+        "TODO:",
+        "todo",
+        "Here is the article",
+        "here is your blog post",
+        "[INSERT name]",
+        "as an aid",
+        "gifts",
+        "teen",
+        ",",
+        ".",
+        "\n\n",
+        "—",
+        "ſ",
+        "K",
+    ]
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        expected = dict.fromkeys(m.group(0).lower() for m in _BOILERPLATE.finditer(text))
+        assert check_boilerplate(text) == [f"boilerplate phrase: {p!r}" for p in expected], text
