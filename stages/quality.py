@@ -87,11 +87,35 @@ def normalise_paragraph(paragraph: str) -> str:
     return " ".join(runs)
 
 
+# Every ASCII character that is not a word character (``\w``: letters, digits, ``_``).
+_NOT_WORD_ASCII = str.maketrans(
+    "", "", "".join(c for c in map(chr, range(128)) if not (c.isalnum() or c == "_"))
+)
+
+
+def _word_chars(paragraph: str) -> str:
+    """``normalise_paragraph(paragraph)`` without its spaces: equal for any two paragraphs
+    that normalise alike, and for ASCII text a deletion table instead of a word scan."""
+    if not paragraph.isascii():
+        return normalise_paragraph(paragraph).replace(" ", "")
+    if "[" in paragraph:
+        paragraph = CITATION.sub("", paragraph)
+    return paragraph.lower().translate(_NOT_WORD_ASCII)
+
+
 def check_duplicates(markdown: str | MarkdownDoc, min_chars: int = 40) -> list[str]:
     """Paragraphs that appear more than once (ignoring case, punctuation and markers)."""
+    paragraphs = MarkdownDoc.of(markdown).paragraphs
+    # Only paragraphs that share their word characters with another can normalise alike.
+    keys = [_word_chars(p) for p in paragraphs]
+    shared = Counter(keys)
     counts = Counter(
         text
-        for text in (normalise_paragraph(p) for p in MarkdownDoc.of(markdown).paragraphs)
+        for text in (
+            normalise_paragraph(p)
+            for p, key in zip(paragraphs, keys, strict=True)
+            if shared[key] > 1
+        )
         if len(text) >= min_chars
     )
     return [f"duplicate paragraph ({n}x): {text[:60]}…" for text, n in counts.items() if n > 1]
@@ -115,12 +139,15 @@ _BOILERPLATE_NEEDLES = (
 )
 
 
+_ASCII_CASE_TWINS = "\u0130\u0131\u017f\u212a"
+
+
 def check_boilerplate(markdown: str) -> list[str]:
     """Phrases that betray an unedited LLM answer or a template."""
     # The regex walks every word; most articles contain none of its phrases, which plain
-    # substring tests over the lower-cased text rule out far faster. Only for ASCII text:
-    # under IGNORECASE a few other letters (the Kelvin sign, the long s) match ASCII ones.
-    if markdown.isascii():
+    # substring tests over the lower-cased text rule out far faster. Not when the text has
+    # one of the four letters that IGNORECASE matches to an ASCII one (İ, ı, ſ, Kelvin K).
+    if not any(letter in markdown for letter in _ASCII_CASE_TWINS):
         lowered = markdown.lower()
         if not any(needle in lowered for needle in _BOILERPLATE_NEEDLES):
             return []

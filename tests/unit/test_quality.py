@@ -185,9 +185,39 @@ def test_the_boilerplate_prefilter_never_hides_a_match() -> None:
         "—",
         "ſ",
         "K",
+        "İ",
+        "ı",
+        "AS AN A\u0130",
+        "as an a\u0131",
+        "lorem ip\u017fum",
+        "my \u212anowledge cutoff",
+        "as a language model’s",
+        "“quoted”",
     ]
     rng = random.Random(7)
     for _ in range(3000):
         text = " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
         expected = dict.fromkeys(m.group(0).lower() for m in _BOILERPLATE.finditer(text))
         assert check_boilerplate(text) == [f"boilerplate phrase: {p!r}" for p in expected], text
+
+
+def test_duplicates_are_found_as_by_normalising_every_paragraph() -> None:
+    import random
+    from collections import Counter
+
+    from stages.quality import check_duplicates, normalise_paragraph
+
+    def reference(markdown: str) -> list[str]:
+        from stages.markdown_doc import MarkdownDoc
+
+        texts = (normalise_paragraph(p) for p in MarkdownDoc.of(markdown).paragraphs)
+        counts = Counter(text for text in texts if len(text) >= 40)
+        return [f"duplicate paragraph ({n}x): {t[:60]}…" for t, n in counts.items() if n > 1]
+
+    words = ["Gifts", "gifts", "teen's", "teen’s", "snake_case", "v2.0", "[1]", "[2, 3]", "—"]
+    words += ["Don't", "don’t", "well-known", "Ünïcode", "(ideas)", "a", "b", "K", "ſ", "1"]
+    rng = random.Random(11)
+    for _ in range(400):
+        pool = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) for _ in range(4)]
+        markdown = "\n\n".join(rng.choice(pool) for _ in range(rng.randint(1, 8)))
+        assert check_duplicates(markdown) == reference(markdown), markdown
