@@ -87,20 +87,25 @@ def normalise_paragraph(paragraph: str) -> str:
     return " ".join(runs)
 
 
-# Every ASCII character that is not a word character (``\w``: letters, digits, ``_``).
-_NOT_WORD_ASCII = str.maketrans(
-    "", "", "".join(c for c in map(chr, range(128)) if not (c.isalnum() or c == "_"))
+# Characters that are never word characters (``\w``: letters, digits, ``_``): every other
+# ASCII one, and the typographic punctuation articles use.
+_NOT_WORD = str.maketrans(
+    "",
+    "",
+    "".join(c for c in map(chr, range(128)) if not (c.isalnum() or c == "_"))
+    + "\u00a0\u2013\u2014\u2018\u2019\u201c\u201d\u2026\u00ab\u00bb",
 )
 
 
 def _word_chars(paragraph: str) -> str:
     """``normalise_paragraph(paragraph)`` without its spaces: equal for any two paragraphs
-    that normalise alike, and for ASCII text a deletion table instead of a word scan."""
-    if not paragraph.isascii():
-        return normalise_paragraph(paragraph).replace(" ", "")
-    if "[" in paragraph:
-        paragraph = CITATION.sub("", paragraph)
-    return paragraph.lower().translate(_NOT_WORD_ASCII)
+    that normalise alike. A deletion table instead of a word scan, unless a character
+    the table does not know is left over."""
+    text = CITATION.sub("", paragraph) if "[" in paragraph else paragraph
+    chars = text.lower().translate(_NOT_WORD)
+    if chars.isascii() or chars.replace("_", "").isalnum():
+        return chars
+    return normalise_paragraph(paragraph).replace(" ", "")
 
 
 def check_duplicates(markdown: str | MarkdownDoc, min_chars: int = 40) -> list[str]:

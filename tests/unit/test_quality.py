@@ -216,6 +216,7 @@ def test_duplicates_are_found_as_by_normalising_every_paragraph() -> None:
 
     words = ["Gifts", "gifts", "teen's", "teen’s", "snake_case", "v2.0", "[1]", "[2, 3]", "—"]
     words += ["Don't", "don’t", "well-known", "Ünïcode", "(ideas)", "a", "b", "K", "ſ", "1"]
+    words += ["“quoted”…", "\u00a0", "__", "İ", "x\u0301", "[[1]2]", "«ok»"]
     rng = random.Random(11)
     for _ in range(400):
         pool = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) for _ in range(4)]
