@@ -394,6 +394,8 @@ class Hold:
             self._consumer.reserved -= 1
             if row_id is not None:
                 self._consumer.adopt(row_id, message)
+            else:
+                self._consumer.room_freed()
 
     def release(self) -> None:
         """The statement failed or staged nothing: give the room back."""
@@ -457,6 +459,11 @@ class _Consumer:
             and not self._stopping.is_set()
             and self.room > 0
         )
+
+    def room_freed(self) -> None:
+        """A reservation ended without a message: lease what it may have kept waiting."""
+        if self._dirty:
+            self._wake.set()
 
     def adopt(self, row_id: int, message: Message) -> None:
         """Handle a message staged already leased to this consumer, as its first attempt."""
@@ -535,7 +542,7 @@ class _Consumer:
                 due = await conn.fetchval(_NEXT_DUE, self.name)
                 self._due_at = float("inf") if due is None else now + max(0.01, due)
         self._error_delay = 0.1
-        if self._outcomes or (self._dirty and len(self._in_flight) < self.max_in_flight):
+        if self._outcomes or (self._dirty and self.room > 0):
             return 0.0
         if self.drain:
             return None if leased == 0 and not self._in_flight else self.broker.poll_interval

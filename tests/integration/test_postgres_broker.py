@@ -416,3 +416,26 @@ async def test_only_available_rows_notify(
     finally:
         await asyncio.wait_for(listener.close(), TIMEOUT)
     assert heard == [other_spec.name]
+
+
+async def test_a_consumer_full_of_reservations_waits_without_spinning(
+    broker: PostgresBroker,
+) -> None:
+    # Its one place is reserved for a message being staged when another arrives: the
+    # consumer must sleep (a loop that never yields would stall the statement that is to
+    # end the reservation), and lease the message once the reservation ends without one.
+    broker.poll_interval = NEVER
+    spec = await make_subscription(broker)
+    recorder = Recorder()
+    async with subscribed(broker, spec.name, recorder, max_in_flight=1):
+        await wait_for(_listening(broker), timeout=TIMEOUT, message="LISTEN")
+        hold = await room_with(broker, spec.topic)
+        await broker.publish(spec.topic, Message(b"waiting"))
+        ticks = 0
+        for _ in range(20):  # the event loop keeps turning while the consumer is full
+            await asyncio.wait_for(asyncio.sleep(0.01), 5)
+            ticks += 1
+        assert ticks == 20 and await recorder.count() == 0
+        hold.release()
+        await wait_for(recorder.count, timeout=TIMEOUT, message="the delivery after release")
+    assert recorder.data() == [b"waiting"]
