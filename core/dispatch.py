@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.broker import Broker, Message
+from core.broker import Broker, Delivery, Message
 
 if TYPE_CHECKING:
     from core.broker.postgres import Hold
@@ -59,7 +59,9 @@ class Dispatcher:
         ``:<prefix>_attributes`` (``staging_args``), and with a broker that stages in the
         statement also ``:<prefix>_hold`` and ``:<prefix>_hold_secs`` (``hold``). It yields
         ``outbox_id``, NULL when the broker took the message in the transaction itself, and
-        ``held_id``, the copy staged leased to a consumer in this process.
+        ``held_id``, the copy staged leased to a consumer in this process. Such a broker
+        also deletes the queue row ``:<prefix>_ack`` names: the delivery the statement
+        finishes (``hold``'s ``ack``).
         """
         staging_sql = getattr(self.broker, "staging_sql", None)
         if self.transactional and staging_sql is not None:
@@ -70,20 +72,32 @@ class Dispatcher:
             f" WHERE {guard} RETURNING id AS outbox_id, NULL::bigint AS held_id)"
         )
 
-    def hold(self, prefix: str, topic: str) -> tuple[dict[str, object], Hold | None]:
+    def hold(
+        self, prefix: str, topic: str, ack: Delivery | None = None
+    ) -> tuple[dict[str, object], Hold | None]:
         """The ``staging`` CTE's hold parameters for a message to ``topic``, and the room
         reserved with a consumer of it in this process, if any (``PostgresBroker.hold``).
 
         After the statement, pass its ``held_id`` to ``Hold.deliver`` (or call
         ``Hold.release`` if it failed): that consumer then handles the message at once.
+        ``ack`` is the delivery the statement finishes, if any: the statement deletes its
+        queue row (call ``acked`` once it committed, so the consumer does not again).
         """
         hold_for = getattr(self.broker, "hold", None)
         if not self.transactional or hold_for is None:
             return {}, None
+        ack_id = int(ack.message_id) if ack is not None and ack.message_id.isdigit() else None
+        args: dict[str, object] = {f"{prefix}_ack": ack_id}
         hold: Hold | None = hold_for(topic)
         if hold is None:
-            return {f"{prefix}_hold": None, f"{prefix}_hold_secs": None}, None
-        return hold.args(prefix), hold
+            return {**args, f"{prefix}_hold": None, f"{prefix}_hold_secs": None}, None
+        return {**args, **hold.args(prefix)}, hold
+
+    def acked(self, delivery: Delivery) -> None:
+        """``delivery`` was acked by the statement ``hold(…, ack=delivery)`` staged for."""
+        acked = getattr(self.broker, "acked", None)
+        if self.transactional and acked is not None:
+            acked(delivery)
 
     @staticmethod
     def staging_args(prefix: str, topic: str, message: Message) -> dict[str, object]:

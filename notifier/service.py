@@ -271,8 +271,11 @@ class Notifier:
                 # Due but not claimable (held back behind an earlier event of its job, or
                 # leased elsewhere): look again soon rather than spin.
                 wait = min(self.poll_interval, 0.25)
+            # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation
+            # that arrives as the event is set (the loop would then never stop).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def deliver_due(self) -> int:
         """One sweep: claim the due deliveries and make one attempt each; return how many."""

@@ -99,7 +99,7 @@ class StageRunner:
             completion_tokens=result.usage.completion_tokens,
             cost=result.usage.cost,
         )
-        state = await self.store.complete(claim, outcome, finalize=build_result)
+        state = await self.store.complete(claim, outcome, finalize=build_result, delivery=delivery)
         # Each run's timing and outcome is in stage_runs (the job's "stages" view); the log
         # line is DEBUG when the stage committed, INFO when its work was thrown away.
         logger.log(

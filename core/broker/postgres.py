@@ -228,13 +228,18 @@ class PostgresBroker:
         """The CTE ``Dispatcher.staging`` uses: fan one message out to the topic's
         subscriptions where ``guard`` holds, inside the caller's statement.
 
+        ``:<prefix>_ack`` (or NULL) is the id of the delivery the statement finishes: its
+        row is deleted in the same statement, an ack that commits with the hand-off
+        (``acked`` then keeps the consumer from deleting it again).
+
         The copy for the subscription named by ``:<prefix>_hold`` (see ``hold``) goes in
         already leased, as its first delivery attempt, for ``:<prefix>_hold_secs``; the
         CTE yields its id as ``held_id``. With ``:<prefix>_hold`` NULL every copy is
         available at once, as a plain publish."""
         held = f"s.name = :{prefix}_hold::text"
         return (
-            f"{name} AS (INSERT INTO broker_messages"
+            f"{name}_acked AS (DELETE FROM broker_messages WHERE id = :{prefix}_ack::bigint),"
+            f" {name} AS (INSERT INTO broker_messages"
             f" (subscription, data, attributes, attempts, available_at)"
             f" SELECT s.name, :{prefix}_data::bytea, :{prefix}_attributes::jsonb,"
             f" CASE WHEN {held} THEN 1 ELSE 0 END, CASE WHEN {held}"
@@ -243,6 +248,12 @@ class PostgresBroker:
             f" ORDER BY s.name"
             f" RETURNING NULL::bigint AS outbox_id, CASE WHEN attempts = 1 THEN id END AS held_id)"
         )
+
+    def acked(self, delivery: Delivery) -> None:
+        """``delivery``'s row was deleted by a statement that staged with ``:<prefix>_ack``:
+        its consumer in this process need not ack it when the handler returns."""
+        for consumer in self._consumers.get(delivery.subscription, ()):
+            consumer.acked(delivery.message_id)
 
     def hold(self, topic: str) -> Hold | None:
         """Room with a consumer of ``topic`` in this process for a message about to be
@@ -349,7 +360,8 @@ class PostgresBroker:
                 self._wake_all()  # notifications sent while we were away are lost
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), LISTENER_PING_SECONDS)
+                        async with asyncio.timeout(LISTENER_PING_SECONDS):
+                            await lost.wait()
                     if not lost.is_set():
                         await asyncio.wait_for(connection.execute("SELECT 1"), 5)
             except TRANSIENT_ERRORS as exc:
@@ -443,6 +455,7 @@ class _Consumer:
         self._in_flight: dict[int, tuple[_Lease, asyncio.Task[None]]] = {}
         self._outcomes: list[tuple[_Lease, float | None]] = []  # delay None means ack
         self.reserved = 0  # room promised to messages being staged (``Hold``)
+        self._settled: set[int] = set()  # in flight, already deleted by their handler's statement
         self._unstarted: list[_Lease] = []  # handed over while stopping: released at shutdown
 
     @property
@@ -459,6 +472,10 @@ class _Consumer:
             and not self._stopping.is_set()
             and self.room > 0
         )
+
+    def acked(self, message_id: str) -> None:
+        if message_id.isdigit() and int(message_id) in self._in_flight:
+            self._settled.add(int(message_id))
 
     def room_freed(self) -> None:
         """A reservation ended without a message: lease what it may have kept waiting."""
@@ -505,8 +522,12 @@ class _Consumer:
                 if timeout is None:
                     return
                 if timeout > 0:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that arrives as the event is set (a handler finishing as
+                    # the consumer is stopped), and the consumer would never stop.
                     try:
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+                        async with asyncio.timeout(timeout):
+                            await self._wake.wait()
                     except TimeoutError:
                         self._dirty = self._reload_spec = True
         finally:
@@ -608,7 +629,12 @@ class _Consumer:
         outcomes, self._outcomes = self._outcomes, []
         limit = self.spec.max_delivery_attempts
         try:
-            acks = [lease.row_id for lease, delay in outcomes if delay is None]
+            acks = [
+                lease.row_id
+                for lease, delay in outcomes
+                if delay is None and lease.row_id not in self._settled
+            ]
+            self._settled.difference_update(lease.row_id for lease, _ in outcomes)
             retries = [
                 (lease, d) for lease, d in outcomes if d is not None and lease.attempts < limit
             ]
@@ -675,7 +701,8 @@ class _Consumer:
         await self._drop_connection()
         self._dirty = self._reload_spec = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self._error_delay)
+            async with asyncio.timeout(self._error_delay):
+                await self._stopping.wait()
         self._error_delay = min(5.0, self._error_delay * 2)
 
     async def _drop_connection(self) -> None:

@@ -25,7 +25,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.broker import Message
+from core.broker import Delivery, Message
 from core.constants import (
     EVENTS_TOPIC,
     STAGE_PROGRESS,
@@ -196,6 +196,7 @@ class PipelineStore:
         topic: str,
         message: Message,
         opener: Callable[[dict[str, Any]], Opening | None] | None = None,
+        ack: Delivery | None = None,
     ) -> Any:
         """Run a transition that stages ``message`` on ``topic``, then send it on: a copy
         leased to a consumer in this process is handed to it, an outbox row is published.
@@ -203,9 +204,10 @@ class PipelineStore:
         When a consumer here takes it, ``opener`` may swap in a statement that also opens
         the run of the stage the message is for (``start_claim``, ``complete_claim``); the
         claim that makes travels with the hand-over (``take_opened``), and the stage starts
-        without a claim statement.
+        without a claim statement. With the ``postgres`` broker, ``ack`` (the delivery
+        being finished) is acked by the same statement.
         """
-        hold_args, hold = self.dispatcher.hold("next", topic)
+        hold_args, hold = self.dispatcher.hold("next", topic, ack)
         opening = opener(values) if hold is not None and opener is not None else None
         if opening is not None:
             statement, extra, _ = opening
@@ -221,6 +223,8 @@ class PipelineStore:
             if hold is not None:
                 hold.release()
             raise
+        if ack is not None:
+            self.dispatcher.acked(ack)
         if hold is not None:
             if opening is not None and row["next_run_id"] is not None:
                 self._opened[str(row["held_id"])] = opening[2](row, values)
@@ -297,7 +301,11 @@ class PipelineStore:
         await sql.HEARTBEAT.execute(self.engine, run=claim.run_id, lease=self.lease_seconds)
 
     async def complete(
-        self, claim: Claim, outcome: StageOutcome, finalize: Finalizer | None = None
+        self,
+        claim: Claim,
+        outcome: StageOutcome,
+        finalize: Finalizer | None = None,
+        delivery: Delivery | None = None,
     ) -> str:
         """Commit a stage's output and hand off; ``committed`` or ``discarded`` (stale).
 
@@ -325,7 +333,12 @@ class PipelineStore:
             topic = stage_topic(following)
             message = StageMessage(claim.job_id, following, claim.generation).to_message()
             row = await self._hand_off(
-                self._sql.complete, values, topic, message, lambda v: self._open_after(claim, v)
+                self._sql.complete,
+                values,
+                topic,
+                message,
+                lambda v: self._open_after(claim, v),
+                ack=delivery,
             )
         else:
             values["result"] = self._result(claim, outcome, finalize)
@@ -333,7 +346,7 @@ class PipelineStore:
             message = JobEvent(
                 str(uuid.uuid4()), "job.completed", claim.job_id, claim.generation, _now()
             ).to_message()
-            row = await self._hand_off(self._sql.finish, values, topic, message)
+            row = await self._hand_off(self._sql.finish, values, topic, message, ack=delivery)
         if not row["committed"]:
             return "discarded"
         if following is None:

@@ -301,11 +301,18 @@ async def _at_least(recorder: Recorder, count: int) -> bool:
 
 
 async def stage(
-    engine: AsyncEngine, broker: PostgresBroker, topic: str, message: Message, hold: Hold | None
+    engine: AsyncEngine,
+    broker: PostgresBroker,
+    topic: str,
+    message: Message,
+    hold: Hold | None,
+    ack: Delivery | None = None,
 ) -> int | None:
-    """Stage ``message`` the way a hand-off statement does; the id of a held copy."""
+    """Stage ``message`` the way a hand-off statement does (acking ``ack``); the id of a
+    held copy."""
     sql = f"WITH {broker.staging_sql('staged', 'true', 'm')} SELECT max(held_id) FROM staged"
     held = hold.args("m") if hold is not None else {"m_hold": None, "m_hold_secs": None}
+    held["m_ack"] = int(ack.message_id) if ack is not None else None
     async with raw_connection(engine) as conn:
         statement = Statement(sql)
         args = statement.args(**Dispatcher.staging_args("m", topic, message), **held)
@@ -439,3 +446,41 @@ async def test_a_consumer_full_of_reservations_waits_without_spinning(
         hold.release()
         await wait_for(recorder.count, timeout=TIMEOUT, message="the delivery after release")
     assert recorder.data() == [b"waiting"]
+
+
+async def test_a_hand_off_statement_acks_the_delivery_it_finishes(
+    broker: PostgresBroker, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, following = await make_subscription(broker), await make_subscription(broker)
+    deleted: list[list[int]] = []
+    execute = asyncpg.Connection.execute
+
+    async def recording(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
+        if query.startswith("DELETE FROM broker_messages WHERE id = ANY"):
+            deleted.append(list(args[0]))
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", recording)
+    while_handling: list[list[tuple[int, int]]] = []
+
+    async def hand_off(delivery: Delivery) -> None:
+        await stage(engine, broker, following.topic, Message(b"next"), None, ack=delivery)
+        broker.acked(delivery)
+        while_handling.append(await rows(engine, spec.name))
+
+    recorder = Recorder(hand_off)
+    acked_by_consumer = Recorder()
+    await broker.publish(spec.topic, Message(b"first"))
+    await broker.publish(spec.topic, Message(b"second"))
+    async with (
+        subscribed(broker, spec.name, recorder),
+        subscribed(broker, following.name, acked_by_consumer),
+    ):
+        await wait_for(lambda: _at_least(recorder, 2), timeout=TIMEOUT, message="deliveries")
+        await wait_for(lambda: _at_least(acked_by_consumer, 2), timeout=TIMEOUT, message="next")
+        await wait_for(lambda: _empty(engine, following.name), timeout=TIMEOUT, message="acks")
+    assert len(recorder.acked) == 2 and await rows(engine, spec.name) == []
+    assert [] in while_handling  # gone while the last handler still ran: the statement acked
+    first_ids = {int(d.message_id) for d in recorder.deliveries}
+    assert not any(first_ids & set(ids) for ids in deleted)  # never deleted again
+    assert any(int(d.message_id) in ids for d in acked_by_consumer.deliveries for ids in deleted)
