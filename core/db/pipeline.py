@@ -114,8 +114,10 @@ class PipelineStore:
             dispatcher.transactional if asynchronous_commit is None else asynchronous_commit
         )
         self._sql = sql.Transitions(dispatcher, asynchronous_commit=self.asynchronous_commit)
-        # Claims made by hand-offs (``complete_claim``), by the id of the delivery that
-        # brings each to its stage in this process.
+        # Claims made by hand-offs (``start_claim``, ``complete_claim``), by the id of the
+        # delivery that brings each to its stage in this process; taken by ``take_opened``.
+        # One whose delivery never reaches its handler here (the consumer stopped first)
+        # stays until the process ends; its run is taken over once its lease expires.
         self._opened: dict[str, Claim] = {}
 
     async def start_job(self, job_id: UUID) -> str:
