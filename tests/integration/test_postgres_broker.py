@@ -484,3 +484,29 @@ async def test_a_hand_off_statement_acks_the_delivery_it_finishes(
     first_ids = {int(d.message_id) for d in recorder.deliveries}
     assert not any(first_ids & set(ids) for ids in deleted)  # never deleted again
     assert any(int(d.message_id) in ids for d in acked_by_consumer.deliveries for ids in deleted)
+
+
+async def test_a_hand_over_to_a_stopping_consumer_is_released_for_another(
+    broker: PostgresBroker, engine: AsyncEngine
+) -> None:
+    # The consumer is told to stop between the hand-off's commit and its hand-over: the
+    # message is not started there, and its lease is given up at shutdown rather than
+    # left to lapse (ack deadline 60 s here), so another consumer takes it at once.
+    broker.poll_interval = NEVER
+    spec = await make_subscription(broker, ack_deadline_seconds=60.0)
+    recorder = Recorder()
+    task = asyncio.create_task(broker.subscribe(spec.name, recorder))
+    hold = await room_with(broker, spec.topic)
+    held_id = await stage(engine, broker, spec.topic, Message(b"late"), hold)
+    (consumer,) = broker._consumers[spec.name]
+    consumer.stop()
+    hold.deliver(held_id, Message(b"late"))
+    await asyncio.wait_for(task, TIMEOUT)
+    assert recorder.deliveries == []
+    other = PostgresBroker(engine)
+    taken = Recorder()
+    try:
+        assert await drain(other, spec.name, taken) == 1
+    finally:
+        await asyncio.wait_for(other.close(), TIMEOUT)
+    assert taken.attempts(b"late") == [2]
