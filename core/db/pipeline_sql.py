@@ -125,12 +125,32 @@ succeeded AS (
 )"""
 
 
+def _open_run(stage: str) -> str:
+    """The CTE ``next_run``: the first run of the stage named by parameter ``:<stage>``,
+    opened for the holder of its message, unless that stage already has a run at this
+    generation (then nothing is opened and its delivery claims as usual)."""
+    return f"""next_run AS (
+    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
+    SELECT :job, :{stage}, :generation, 1, 'running', now() + make_interval(secs => :lease)
+    FROM job
+    WHERE NOT EXISTS (SELECT 1 FROM stage_runs
+        WHERE job_id = :job AND stage = :{stage} AND generation = :generation)
+    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
+    RETURNING id
+)"""
+
+
 class Transitions:
     """The statements that stage a message, for one dispatcher."""
 
     def __init__(self, dispatcher: Dispatcher, *, asynchronous_commit: bool) -> None:
         sync = _ASYNC_COMMIT_COLUMN if asynchronous_commit else ""
         staged = dispatcher.staging("staged", "EXISTS (SELECT 1 FROM job)", "next")
+        # What every statement that stages a message returns about it (``Dispatcher.staging``).
+        handed = (
+            "(SELECT max(outbox_id) FROM staged) AS outbox_id,"
+            f" (SELECT max(held_id) FROM staged) AS held_id{sync}"
+        )
         self.claim = Statement(_CLAIM.replace("{sync}", sync))
         # A queued job moves to processing at the generation its message names (checked
         # in the update, so a job that is not queued at that generation is left alone).
@@ -142,8 +162,7 @@ WITH job AS (
     RETURNING id
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS started,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
         # The same, when a consumer in this process holds the first stage's message: the
         # first stage's run is opened too (as in ``complete_claim``).
         self.start_claim = Statement(f"""
@@ -152,15 +171,7 @@ WITH job AS (
         current_stage = :stage, progress_percentage = GREATEST(progress_percentage, :next_pct)
     WHERE id = :job AND status IN ('queued', 'pending') AND generation = :generation
     RETURNING id, request, started_at
-), next_run AS (
-    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
-    SELECT :job, :stage, :generation, 1, 'running', now() + make_interval(secs => :lease)
-    FROM job
-    WHERE NOT EXISTS (SELECT 1 FROM stage_runs
-        WHERE job_id = :job AND stage = :stage AND generation = :generation)
-    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
-    RETURNING id
-), event AS (
+), {_open_run("stage")}, event AS (
     INSERT INTO job_events ({_EVENT_COLUMNS})
     SELECT :job, :generation, :stage, :next_number::int, :total::int, :next_pct::float8,
         'started', format('Stage %s started (attempt 1)', :stage::text)
@@ -170,8 +181,7 @@ SELECT EXISTS (SELECT 1 FROM job) AS started,
     (SELECT id FROM next_run) AS next_run_id,
     (SELECT request FROM job) AS request,
     (SELECT started_at FROM job) AS started_at,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
         # A stage that hands off to the next one.
         self.complete = Statement(f"""
 WITH job AS (
@@ -186,8 +196,7 @@ WITH job AS (
     FROM job
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
         # A stage that hands off to the next one held by a consumer in this process (see
         # ``Dispatcher.hold``), and opens the next stage's run for it: that stage then starts
         # without a claim. Only when the next stage has no run at this generation yet (the
@@ -198,15 +207,7 @@ WITH job AS (
         current_stage = :next_stage, updated_at = now()
     WHERE id = :job AND generation = :generation AND status = 'processing'
     RETURNING id
-), {_RUN_OUTCOME}, next_run AS (
-    INSERT INTO stage_runs (job_id, stage, generation, attempt, status, lease_until)
-    SELECT :job, :next_stage, :generation, 1, 'running', now() + make_interval(secs => :lease)
-    FROM job
-    WHERE NOT EXISTS (SELECT 1 FROM stage_runs
-        WHERE job_id = :job AND stage = :next_stage AND generation = :generation)
-    ON CONFLICT (job_id, stage, generation) WHERE status = 'running' DO NOTHING
-    RETURNING id
-), event AS (
+), {_RUN_OUTCOME}, {_open_run("next_stage")}, event AS (
     INSERT INTO job_events ({_EVENT_COLUMNS})
     SELECT :job, :generation, e.stage, e.number, :total::int, e.pct, e.status, e.details
     FROM job, (VALUES
@@ -220,8 +221,7 @@ WITH job AS (
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
     (SELECT id FROM next_run) AS next_run_id,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
         # The last stage: the job completes with its result, and ``job.completed`` goes out.
         self.finish = Statement(f"""
 WITH job AS (
@@ -239,8 +239,7 @@ WITH job AS (
     ORDER BY e.n
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
         self.fail = Statement(f"""
 WITH job AS (
     UPDATE jobs SET status = 'failed', current_stage = :stage, error_message = :message,
@@ -254,5 +253,4 @@ WITH job AS (
     FROM job
 ), {staged}
 SELECT EXISTS (SELECT 1 FROM job) AS committed,
-    (SELECT max(outbox_id) FROM staged) AS outbox_id,
-    (SELECT max(held_id) FROM staged) AS held_id{sync}""")
+    {handed}""")
