@@ -401,17 +401,23 @@ class Hold:
     def deliver(self, row_id: int | None, message: Message) -> None:
         """After commit: hand the leased copy ``row_id`` to the consumer (None: nothing was
         staged, so only the room is given back)."""
-        if self._open:
-            self._open = False
-            self._consumer.reserved -= 1
-            if row_id is not None:
-                self._consumer.adopt(row_id, message)
-            else:
-                self._consumer.room_freed()
+        if row_id is None:
+            self.release()
+        elif self._end():
+            self._consumer.adopt(row_id, message)
 
     def release(self) -> None:
         """The statement failed or staged nothing: give the room back."""
-        self.deliver(None, Message(b""))
+        if self._end():
+            self._consumer.room_freed()
+
+    def _end(self) -> bool:
+        """Give up the reservation; False if it already was."""
+        if not self._open:
+            return False
+        self._open = False
+        self._consumer.reserved -= 1
+        return True
 
 
 @dataclass
