@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -116,32 +118,54 @@ async def test_commits_wait_for_the_disk_only_when_a_message_could_escape(
     assert await asyncio.wait_for(JobRepository(engine).status_document(job.id), 5) is not None
 
 
-async def local_consumers(broker: PostgresBroker, stages: list[str]) -> list[asyncio.Task[None]]:
-    """A consumer in this process for each of ``stages``, that takes its deliveries and
-    acks them; once each can hold a message."""
+@contextlib.asynccontextmanager
+async def local_store(engine: AsyncEngine, stages: list[str]) -> AsyncIterator[PipelineStore]:
+    """A store whose postgres broker has a consumer in this process for each of
+    ``stages`` (recording its deliveries in ``DELIVERED`` and acking them), each up and
+    able to hold a message; closed on exit."""
+    broker = PostgresBroker(engine)
+    broker.poll_interval = 3600.0
     for stage in STAGES:
         spec = SubscriptionSpec(stage_subscription(stage), stage_topic(stage))
         await asyncio.wait_for(broker.ensure_subscription(spec), 10)
-    tasks = []
-    for stage in stages:
 
-        async def take(delivery: Delivery) -> None:
-            DELIVERED.setdefault(delivery.subscription, []).append(delivery)
+    async def take(delivery: Delivery) -> None:
+        DELIVERED.setdefault(delivery.subscription, []).append(delivery)
 
-        tasks.append(asyncio.create_task(broker.subscribe(stage_subscription(stage), take)))
-    for stage in stages:
+    tasks = [
+        asyncio.create_task(broker.subscribe(stage_subscription(stage), take)) for stage in stages
+    ]
+    try:
+        for stage in stages:
 
-        async def ready(topic: str = stage_topic(stage)) -> bool:
-            hold = broker.hold(topic)
-            if hold is not None:
-                hold.release()
-            return hold is not None
+            async def ready(topic: str = stage_topic(stage)) -> bool:
+                hold = broker.hold(topic)
+                if hold is not None:
+                    hold.release()
+                return hold is not None
 
-        await wait_for(ready, timeout=10, message=f"the {stage} consumer")
-    return tasks
+            await wait_for(ready, timeout=10, message=f"the {stage} consumer")
+        DELIVERED.clear()
+        yield PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        await asyncio.wait_for(broker.close(), 10)
 
 
 DELIVERED: dict[str, list[Delivery]] = {}
+
+
+async def delivered_to(stage: str) -> tuple[Delivery, StageMessage]:
+    """The one delivery ``stage``'s local consumer got since ``DELIVERED`` was cleared."""
+
+    async def arrived() -> bool:
+        return bool(DELIVERED.get(stage_subscription(stage)))
+
+    await wait_for(arrived, timeout=10, message=f"the {stage} delivery")
+    (delivery,) = DELIVERED[stage_subscription(stage)]
+    return delivery, StageMessage.from_bytes(delivery.data)
 
 
 def outcome(stage: str) -> StageOutcome:
@@ -159,13 +183,7 @@ async def hand_over(store: PipelineStore, claim: Claim, stage: str) -> Claim:
     """Complete ``claim`` and take the claim its hand-over brought to ``stage``."""
     DELIVERED.clear()
     assert await asyncio.wait_for(store.complete(claim, outcome(claim.stage)), 10) == "committed"
-
-    async def delivered() -> bool:
-        return bool(DELIVERED.get(stage_subscription(stage)))
-
-    await wait_for(delivered, timeout=10, message=f"the {stage} delivery")
-    (delivery,) = DELIVERED[stage_subscription(stage)]
-    message = StageMessage.from_bytes(delivery.data)
+    delivery, message = await delivered_to(stage)
     opened = store.take_opened(delivery.message_id, message)
     assert opened is not None and store.take_opened(delivery.message_id, message) is None
     again = await asyncio.wait_for(store.claim(message), 10)  # the run is open: leased
@@ -176,11 +194,7 @@ async def hand_over(store: PipelineStore, claim: Claim, stage: str) -> Claim:
 async def test_a_hand_off_to_a_local_consumer_opens_the_next_stage_run(
     engine: AsyncEngine,
 ) -> None:
-    broker = PostgresBroker(engine)
-    broker.poll_interval = 3600.0
-    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
-    tasks = await local_consumers(broker, ["outline", "draft", "seo"])
-    try:
+    async with local_store(engine, ["outline", "draft", "seo"]) as store:
         job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
         assert await store.start_job(job.id) == "started"
         research = await store.claim(StageMessage(job.id, "research", job.generation))
@@ -215,11 +229,6 @@ async def test_a_hand_off_to_a_local_consumer_opens_the_next_stage_run(
                     {"id": job.id},
                 )
             ).one()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=10)
-        await asyncio.wait_for(broker.close(), 10)
     assert [(r.stage, r.attempt, r.status) for r in runs] == [
         ("research", 1, "succeeded"),
         ("outline", 1, "succeeded"),
@@ -253,11 +262,7 @@ async def test_the_last_stage_is_claimed_as_usual_when_the_usage_is_not_carried(
     # The draft stage was claimed from the database (no consumer of it here when the
     # outline handed off): its claim holds no usage, so the last stage's run is not
     # opened by the hand-off and the last stage claims it, reading the usage itself.
-    broker = PostgresBroker(engine)
-    broker.poll_interval = 3600.0
-    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
-    tasks = await local_consumers(broker, ["seo"])
-    try:
+    async with local_store(engine, ["seo"]) as store:
         job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
         assert await store.start_job(job.id) == "started"
         claims: dict[str, Claim] = {}
@@ -269,20 +274,9 @@ async def test_the_last_stage_is_claimed_as_usual_when_the_usage_is_not_carried(
                 assert await store.complete(claim, outcome(stage)) == "committed"
         DELIVERED.clear()
         assert await store.complete(claims["draft"], outcome("draft")) == "committed"
-
-        async def delivered() -> bool:
-            return bool(DELIVERED.get(stage_subscription("seo")))
-
-        await wait_for(delivered, timeout=10, message="the seo delivery")
-        (delivery,) = DELIVERED[stage_subscription("seo")]
-        message = StageMessage.from_bytes(delivery.data)
+        delivery, message = await delivered_to("seo")
         assert store.take_opened(delivery.message_id, message) is None
         seo = await asyncio.wait_for(store.claim(message), 10)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=10)
-        await asyncio.wait_for(broker.close(), 10)
     assert isinstance(seo, Claim) and seo.attempt == 1
     assert set(seo.usage) == {"research", "outline", "draft"}
 
@@ -290,22 +284,11 @@ async def test_the_last_stage_is_claimed_as_usual_when_the_usage_is_not_carried(
 async def test_a_start_held_by_a_local_consumer_opens_the_first_stage_run(
     engine: AsyncEngine,
 ) -> None:
-    broker = PostgresBroker(engine)
-    broker.poll_interval = 3600.0
-    store = PipelineStore(engine, Dispatcher(engine, broker), lease_seconds=30.0)
-    tasks = await local_consumers(broker, ["research"])
-    try:
+    async with local_store(engine, ["research"]) as store:
         request = BlogRequest(topic="A topic", keywords=["k"])
         job = await JobRepository(engine).create(request)
-        DELIVERED.clear()
         assert await asyncio.wait_for(store.start_job(job.id), 10) == "started"
-
-        async def delivered() -> bool:
-            return bool(DELIVERED.get(stage_subscription("research")))
-
-        await wait_for(delivered, timeout=10, message="the research delivery")
-        (delivery,) = DELIVERED[stage_subscription("research")]
-        message = StageMessage.from_bytes(delivery.data)
+        delivery, message = await delivered_to("research")
         research = store.take_opened(delivery.message_id, message)
         again = await asyncio.wait_for(store.claim(message), 10)
         async with engine.connect() as conn:
@@ -330,11 +313,6 @@ async def test_a_start_held_by_a_local_consumer_opens_the_first_stage_run(
                     {"id": job.id},
                 )
             ).all()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=10)
-        await asyncio.wait_for(broker.close(), 10)
     assert isinstance(again, Skip) and again.reason == "leased"
     assert research == Claim(
         job_id=job.id,
