@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +70,20 @@ class Processes:
 
 @contextlib.asynccontextmanager
 async def running_blogpipe(
-    dbs: Databases, workdir: Path, name: str, workers: int = 0, /, **overrides: str
+    dbs: Databases,
+    workdir: Path,
+    name: str,
+    dev_args: Sequence[str] = (),
+    /,
+    **overrides: str,
 ) -> AsyncIterator[tuple[Processes, str]]:
-    """A fresh database and ``blogpipe dev`` on it — with ``workers`` > 0, ``blogpipe dev
-    --workers N``: the API in the dev process and the stages and the notifier in N child
-    processes sharing the subscriptions (the way they scale out). Yields the processes
-    (RSS counts the children too) and the API's base URL."""
+    """A fresh database and ``blogpipe dev`` on it, with ``dev_args`` (for example
+    ``--replicas 2``: the whole pipeline in two processes sharing the port). Yields the
+    processes (RSS counts the children too) and the API's base URL."""
     db_url = await dbs.fresh()
     port = int(overrides.get("PORT") or free_port())
     env = blogpipe_env(db_url, port, workdir / "data", **overrides)
-    argv = [python(), "-m", "blogpipe", "dev", "--workers", str(workers)]
+    argv = [python(), "-m", "blogpipe", "dev", *dev_args]
     child = Child(argv, env, workdir / f"{name}.log", name=f"blogpipe dev ({name})")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -102,18 +106,20 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
 
 
 async def throughput(
-    dbs: Databases, workdir: Path, jobs: int, workers: int = 0, /, **overrides: str
+    dbs: Databases, workdir: Path, jobs: int, processes: int = 1, /, **overrides: str
 ) -> dict[str, Any]:
-    """``jobs`` submitted over HTTP as fast as they are accepted; first submit → last webhook."""
+    """``jobs`` submitted over HTTP as fast as they are accepted; first submit → last webhook.
+    With ``processes`` > 1, ``blogpipe dev --replicas N``."""
+    dev_args = ("--replicas", str(processes)) if processes > 1 else ()
     async with (
         receiver() as hook,
-        running_blogpipe(dbs, workdir, "throughput", workers, **overrides) as (child, base),
+        running_blogpipe(dbs, workdir, "throughput", dev_args, **overrides) as (child, base),
     ):
         await run_jobs(base, hook, WARMUP_JOBS, within=60)
         figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
-        figures["processes"] = 1 + workers
+        figures["processes"] = processes
     return figures
 
 

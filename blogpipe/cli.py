@@ -119,6 +119,9 @@ async def _until_signalled(
         settle_garbage_collector()
         if on_ready:
             on_ready()
+        from blogpipe.workers import signal_ready
+
+        signal_ready()
         await stopping.wait()
     finally:
         logger.info("Shutting down", extra={"action": "shutdown"})
@@ -126,21 +129,32 @@ async def _until_signalled(
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from blogpipe.runtime import COMPONENTS, Pipeline
+    from blogpipe.runtime import COMPONENTS, Pipeline, Runtime
     from blogpipe.workers import WorkerProcesses, worker_env
 
     settings = dev_settings(settings)
-    # With --workers the stages and the notifier run in child processes instead.
-    pipeline = Pipeline(settings, components=("api",) if args.workers else COMPONENTS)
+    # With --workers the stages and the notifier run in child processes instead; with
+    # --replicas, N - 1 children run the whole pipeline too, on the same port.
+    pipeline = Pipeline(
+        settings,
+        components=("api",) if args.workers else COMPONENTS,
+        share_port=args.replicas > 1,
+    )
     api_key: list[str] = []
     workers: list[WorkerProcesses] = []
 
-    async def start() -> None:
-        runtime = await pipeline.start()
+    async def start_children(runtime: Runtime) -> None:
+        url = runtime.engine.url.render_as_string(hide_password=False)
         if args.workers:
-            url = runtime.engine.url.render_as_string(hide_password=False)
             workers.append(WorkerProcesses(args.workers, worker_env(settings, url)))
-            await workers[0].start()
+        if args.replicas > 1:
+            env = {**worker_env(settings, url), "HOST": settings.host, "PORT": str(settings.port)}
+            workers.append(WorkerProcesses(args.replicas - 1, env, ("serve", "--share-port")))
+        for group in workers:
+            await group.start()
+
+    async def start() -> None:
+        runtime = await pipeline.start(before_serving=start_children)
         if settings.auth == "apikey":
             api_key.append(await keys_cli.ensure_dev_key(runtime.engine, settings.data_dir))
 
@@ -155,7 +169,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"\nblogpipe is running at {url}  (broker={settings.broker},"
             f" task queue={settings.task_queue}, llm={settings.llm},"
-            f" worker processes={args.workers})\n"
+            f" worker processes={args.workers}, replicas={args.replicas})\n"
             f"Webhook secret: {settings.webhook_secret}\n"
             + (f"API key (tenant {keys_cli.DEV_TENANT}): {api_key[0]}\n" if api_key else "")
             + "Try:\n"
@@ -190,10 +204,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return _run_components(settings, [*STAGES, "notifier"])
 
 
-def _run_components(settings: Settings, components: Sequence[str]) -> int:
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_components(settings, ["api", *STAGES, "notifier"], share_port=args.share_port)
+
+
+def _run_components(
+    settings: Settings, components: Sequence[str], *, share_port: bool = False
+) -> int:
     from blogpipe.runtime import Pipeline
 
-    pipeline = Pipeline(settings, components=components, setup=False)
+    pipeline = Pipeline(settings, components=components, setup=False, share_port=share_port)
     serve_forever(
         _until_signalled(
             pipeline.start,
@@ -246,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run the stages and the notifier in N child processes (one core each)",
     )
+    dev.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole pipeline in N processes sharing the port (one core each)",
+    )
     dev.set_defaults(func=cmd_dev)
     sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
     stage = sub.add_parser("stage", help="run one stage's subscriber")
@@ -255,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "worker", help="run every stage subscriber and the notifier in one process"
     ).set_defaults(func=cmd_worker)
+    serve = sub.add_parser(
+        "serve", help="run the API, every stage subscriber and the notifier in one process"
+    )
+    serve.add_argument(
+        "--share-port",
+        action="store_true",
+        help="bind the API's port with SO_REUSEPORT, shared with other serve processes",
+    )
+    serve.set_defaults(func=cmd_serve)
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=cmd_migrate)
@@ -280,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--push-endpoint must be an http(s) URL")
     if getattr(args, "workers", 0) < 0 or getattr(args, "workers", 0) > 64:
         parser.error("--workers must be between 0 and 64")
+    if not 1 <= getattr(args, "replicas", 1) <= 64:
+        parser.error("--replicas must be between 1 and 64")
+    if getattr(args, "workers", 0) and getattr(args, "replicas", 1) > 1:
+        parser.error("--workers and --replicas cannot be combined: pick one")
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

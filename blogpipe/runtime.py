@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,17 +230,44 @@ class Runtime:
         await self.engine.dispose()
 
 
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` that other processes may bind too
+    (``SO_REUSEPORT``): the kernel spreads new connections over all of them."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(
-    app: Starlette, host: str, port: int, *, ready: Callable[[], None] | None = None
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[], None] | None = None,
+    share_port: bool = False,
 ) -> None:
-    """Serve ``app`` with uvicorn inside the running loop until cancelled."""
+    """Serve ``app`` with uvicorn inside the running loop until cancelled; with
+    ``share_port``, on a socket other ``blogpipe`` processes share (``blogpipe dev
+    --replicas``)."""
     import uvicorn
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
+    sockets = [shared_port_socket(host, port)] if share_port else None
+    task = asyncio.ensure_future(server.serve(sockets=sockets))
     try:
         while not server.started:
             if task.done():
@@ -264,10 +292,16 @@ class Pipeline:
     """The whole pipeline in one process (``blogpipe dev``), startable and stoppable."""
 
     def __init__(
-        self, settings: Settings, components: Sequence[str] = COMPONENTS, *, setup: bool = True
+        self,
+        settings: Settings,
+        components: Sequence[str] = COMPONENTS,
+        *,
+        setup: bool = True,
+        share_port: bool = False,
     ) -> None:
         self.settings = settings
         self.components = components
+        self.share_port = share_port
         # ``blogpipe dev`` migrates and provisions itself; deployed services leave that to
         # ``blogpipe init`` so they need no admin rights on Pub/Sub or the schema.
         self.setup = setup
@@ -278,11 +312,18 @@ class Pipeline:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
 
-    async def start(self) -> Runtime:
+    async def start(
+        self, before_serving: Callable[[Runtime], Awaitable[object]] | None = None
+    ) -> Runtime:
+        """Open the runtime, set up (``dev``), start the components; ``before_serving``
+        runs just before the API starts listening (``dev`` starts its children there, so
+        that answering ``/readyz`` means every process is up)."""
         runtime = await Runtime.open(self.settings, migrate=self.setup)
         self.runtime = runtime
         if self.setup:
             await runtime.provision()
+        if before_serving is not None:
+            await before_serving(runtime)
         for stage in STAGES:
             if stage in self.components:
                 runtime.start_stage(stage)
@@ -294,7 +335,11 @@ class Pipeline:
         if "api" in self.components:
             runtime.spawn(
                 serve(
-                    runtime.app(), self.settings.host, self.settings.port, ready=self._started.set
+                    runtime.app(),
+                    self.settings.host,
+                    self.settings.port,
+                    ready=self._started.set,
+                    share_port=self.share_port,
                 ),
                 "api",
             )
