@@ -3,17 +3,18 @@
 textstat (pinned at 0.7.8) looks up the syllables of every word of a text on every
 call: a CMU dictionary entry, else pyphen's hyphenation. Articles repeat most of their
 words, so here the syllables of each distinct word are looked up once (and kept across
-texts). The rest is textstat's own code: the same word list, sentence and word counts,
-formula and operation order, so the float is the same bit for bit. This is the only
-module that knows textstat.
+texts). The text's words are listed once (textstat lists them twice), and a sentence is
+counted without textstat's own word count when it plainly has more than two words. The
+rest is textstat's own code: the same word list, sentence and word counts, formula and
+operation order, so the float is the same bit for bit. This is the only module that
+knows textstat.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from functools import lru_cache
+import re
 
-from textstat.backend.counts import count_sentences, count_words
+from textstat.backend.counts import count_words
 from textstat.backend.selections import list_words
 from textstat.backend.utils import get_cmudict, get_lang_cfg, get_lang_root, get_pyphen
 
@@ -21,7 +22,11 @@ LANG = "en_US"
 """textstat's default language, which ``textstat.flesch_reading_ease`` uses."""
 
 
-@lru_cache(maxsize=65536)
+SYLLABLE_CACHE_SIZE = 65536
+_syllable_cache: dict[str, int] = {}
+"""Syllables of each lower-case word seen, emptied when it reaches the size above."""
+
+
 def _syllables(word: str) -> int:
     """textstat's syllable estimate for one lower-case word."""
     try:
@@ -31,16 +36,69 @@ def _syllables(word: str) -> int:
         return len(get_pyphen(LANG).positions(word)) + 1
 
 
+_SENTENCE = re.compile(r"\b[^.!?]+[.!?]*")
+"""textstat's sentence pattern (``count_sentences``)."""
+_WORD_CHAR = re.compile(r"\w")
+
+
+def _more_than_two_words(sentence: str) -> bool:
+    """Whether textstat's ``count_words(sentence)`` is above 2, mostly without it.
+
+    textstat counts the whitespace-separated tokens left after deleting punctuation,
+    which only ever deletes characters that are neither word characters nor blanks:
+    every token holding a word character stays a token. Three such tokens settle it.
+    """
+    head = sentence.split(None, 3)
+    if len(head) < 3:
+        return False  # deleting punctuation never makes more tokens
+    if head[0].isalnum() and head[1].isalnum() and head[2].isalnum():
+        return True  # the usual sentence: it starts with three plain words
+    found = 0
+    for token in sentence.split():
+        if token.isalnum() or _WORD_CHAR.search(token):
+            found += 1
+            if found > 2:
+                return True
+    return bool(count_words(sentence) > 2)
+
+
+def count_sentences(text: str) -> int:
+    """``textstat.backend.counts.count_sentences(text)``: sentences of more than two
+    words (at least one for non-empty text)."""
+    if not text:
+        return 0
+    sentences = _SENTENCE.findall(text)
+    ignored = sum(1 for sentence in sentences if not _more_than_two_words(sentence))
+    return max(1, len(sentences) - ignored)
+
+
+def _syllable_total(lower_words: list[str]) -> int:
+    """The syllables of every word, each distinct word looked up in textstat once."""
+    cache = _syllable_cache
+    try:
+        return sum(map(cache.__getitem__, lower_words))
+    except KeyError:
+        new = set(lower_words).difference(cache)
+        if len(cache) + len(new) > SYLLABLE_CACHE_SIZE:
+            cache.clear()
+            new = set(lower_words)
+        for word in new:
+            cache[word] = _syllables(word)
+        return sum(map(cache.__getitem__, lower_words))
+
+
 def flesch_reading_ease(text: str) -> float:
     """``textstat.flesch_reading_ease(text)`` (textstat's rounding is off by default)."""
-    word_total = count_words(text)
+    # textstat counts the words of ``list_words(text)``; lower-casing never adds or
+    # removes a blank, so the lower-case list it needs anyway has as many.
+    lower_words = list_words(text, lowercase=True)
+    word_total = len(lower_words)
     try:
         sentence_length = word_total / count_sentences(text)
     except ZeroDivisionError:
         sentence_length = 0.0
     try:
-        counts = Counter(list_words(text, lowercase=True))
-        syllables = sum(_syllables(word) * n for word, n in counts.items()) / word_total
+        syllables = _syllable_total(lower_words) / word_total
     except ZeroDivisionError:
         syllables = 0.0
     if sentence_length == 0 or syllables == 0:

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,41 @@ async def test_stage_outputs_match_the_recording(case: dict[str, Any]) -> None:
 )
 def test_reading_ease_is_textstats(text: str) -> None:
     assert flesch_reading_ease(text) == textstat.flesch_reading_ease(text)
+
+
+def test_reading_ease_is_textstats_on_random_text() -> None:
+    """Short sentences, punctuation-only tokens, apostrophes, case: the sentence and
+    word counts taken without textstat's own (``stages.reading_ease``) agree with it."""
+    rng = random.Random(11)
+    pieces = [
+        "word",
+        "Teen",
+        "gift's",
+        "don't",
+        "'quoted'",
+        "—",
+        "-",
+        "...",
+        "!",
+        "?",
+        ".",
+        ",",
+        "3",
+        "x2",
+        "naïve",
+        "İ",
+        "é",
+        "_",
+        "(",
+        ")",
+        "'",
+        "a-b",
+        "It",
+    ]
+    for _ in range(3000):
+        tokens = [rng.choice(pieces) for _ in range(rng.randint(0, 14))]
+        text = "".join(token + rng.choice([" ", " ", "", "\n", ". ", "! "]) for token in tokens)
+        assert flesch_reading_ease(text) == textstat.flesch_reading_ease(text), text
 
 
 async def _record_all() -> dict[str, Any]:
