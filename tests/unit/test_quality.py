@@ -222,3 +222,20 @@ def test_duplicates_are_found_as_by_normalising_every_paragraph() -> None:
         pool = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) for _ in range(4)]
         markdown = "\n\n".join(rng.choice(pool) for _ in range(rng.randint(1, 8)))
         assert check_duplicates(markdown) == reference(markdown), markdown
+
+
+def test_word_total_counts_as_the_word_regex() -> None:
+    """``word_total`` (byte classes for ASCII text, tokens otherwise) against
+    ``len(words(text))`` on random text of letters, digits, joiners, blanks, punctuation
+    and non-ASCII letters and joiners."""
+    import random
+
+    from stages.markdown_doc import word_total, words
+
+    rng = random.Random(5)
+    alphabet = "ab Z9_'-’. ,\n\t(é—"
+    for _ in range(50_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert word_total(text) == len(words(text)), text
+        ascii_text = text.encode("ascii", "ignore").decode()
+        assert word_total(ascii_text) == len(words(ascii_text)), ascii_text
