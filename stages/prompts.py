@@ -8,10 +8,10 @@ travels in the user message, JSON-encoded inside a ``<blog_request>`` block with
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
-from json.encoder import encode_basestring
 from typing import Any
+
+import orjson
 
 from core.requests import BlogRequest
 
@@ -136,64 +136,16 @@ def content_requirements(request: BlogRequest) -> list[str]:
     return rules
 
 
-class _NotPlainJson(Exception):
-    """A value that ``json.dumps`` turns into text by rules left to it."""
-
-
-def _json_parts(value: Any, indent: str, parts: list[str]) -> None:
-    """Append ``value`` as ``json.dumps(..., ensure_ascii=False, indent=1)`` writes it."""
-    if isinstance(value, str):
-        parts.append(encode_basestring(value))
-    elif value is None:
-        parts.append("null")
-    elif value is True:
-        parts.append("true")
-    elif value is False:
-        parts.append("false")
-    elif isinstance(value, int):
-        parts.append(int.__repr__(value))
-    elif isinstance(value, float) and math.isfinite(value):
-        parts.append(float.__repr__(value))
-    elif isinstance(value, list | tuple | dict):
-        if not value:
-            parts.append("{}" if isinstance(value, dict) else "[]")
-            return
-        inner = indent + " "
-        separator = ",\n" + inner
-        if isinstance(value, dict):
-            parts.append("{\n" + inner)
-            for index, (key, item) in enumerate(value.items()):
-                if not isinstance(key, str):
-                    raise _NotPlainJson
-                if index:
-                    parts.append(separator)
-                parts.append(encode_basestring(key) + ": ")
-                _json_parts(item, inner, parts)
-            parts.append("\n" + indent + "}")
-        else:
-            parts.append("[\n" + inner)
-            for index, item in enumerate(value):
-                if index:
-                    parts.append(separator)
-                _json_parts(item, inner, parts)
-            parts.append("\n" + indent + "]")
-    else:
-        raise _NotPlainJson
-
-
 def _json(document: Any) -> str:
-    """``json.dumps(document, ensure_ascii=False, indent=1)``, about twice as fast.
+    """``document`` as indented JSON text (two spaces, non-ASCII kept as it is).
 
-    With ``indent`` the standard library encodes in Python through nested generators;
-    plain JSON data (what the stages send) is written here directly, and anything else
-    (non-string keys, NaN, other types, cycles) is left to ``json.dumps`` itself.
+    orjson writes it (the standard library's encoder runs in Python when it indents);
+    what orjson refuses (non-string keys, other types) is left to ``json.dumps``.
     """
-    parts: list[str] = []
     try:
-        _json_parts(document, "", parts)
-    except (_NotPlainJson, RecursionError):
-        return json.dumps(document, ensure_ascii=False, indent=1)
-    return "".join(parts)
+        return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+    except TypeError:
+        return json.dumps(document, ensure_ascii=False, indent=2)
 
 
 def _escape(document: str) -> str:
