@@ -69,10 +69,21 @@ def check_citations(markdown: str) -> list[str]:
     return issues
 
 
+_ASCII_RUN_BREAKS = bytes(
+    code if chr(code).isalnum() or chr(code) == "_" else ord(" ") for code in range(256)
+)
+"""ASCII bytes with every one that is not a word character (``\\w``) made a blank."""
+
+
 def normalise_paragraph(paragraph: str) -> str:
     """Lowercase words only, without citation markers: what "the same paragraph" means."""
     if "[" in paragraph:
         paragraph = CITATION.sub("", paragraph)
+    if paragraph.isascii():
+        # The word runs of ASCII text are its runs of letters, digits and "_".
+        return b" ".join(
+            paragraph.encode("ascii").lower().translate(_ASCII_RUN_BREAKS).split()
+        ).decode("ascii")
     # The word runs joined by one space (what replacing the other runs by a space and
     # stripping gives). Runs never span whitespace, and a token that is all letters and
     # digits once punctuation is stripped off its ends is one run: no regex needed.

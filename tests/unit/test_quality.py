@@ -239,3 +239,23 @@ def test_word_total_counts_as_the_word_regex() -> None:
         assert word_total(text) == len(words(text)), text
         ascii_text = text.encode("ascii", "ignore").decode()
         assert word_total(ascii_text) == len(words(ascii_text)), ascii_text
+
+
+def test_normalise_paragraph_is_the_word_runs_in_lower_case() -> None:
+    """``normalise_paragraph`` (bytes for ASCII text, tokens otherwise) against its
+    definition: the ``\\w+`` runs of the lower-cased text without citation marks."""
+    import random
+
+    from stages.markdown_doc import CITATION
+    from stages.quality import _WORD_RUN, normalise_paragraph
+
+    def by_definition(paragraph: str) -> str:
+        return " ".join(_WORD_RUN.findall(CITATION.sub("", paragraph).lower()))
+
+    rng = random.Random(9)
+    alphabet = "aB9 _'-.,[1]\n\t(é’"
+    for _ in range(50_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert normalise_paragraph(text) == by_definition(text), text
+        ascii_text = text.encode("ascii", "ignore").decode()
+        assert normalise_paragraph(ascii_text) == by_definition(ascii_text), ascii_text
