@@ -3,7 +3,8 @@
 textstat (pinned at 0.7.8) looks up the syllables of every word of a text on every
 call: a CMU dictionary entry, else pyphen's hyphenation. Articles repeat most of their
 words, so here the syllables of each distinct word are looked up once (and kept across
-texts). The text's words are listed once (textstat lists them twice), and a sentence is
+texts). The text's words are listed once (textstat lists them twice, with a regex pass
+over every character each time; ASCII text here with a byte table), and a sentence is
 counted without textstat's own word count when it plainly has more than two words. The
 rest is textstat's own code: the same word list, sentence and word counts, formula and
 operation order, so the float is the same bit for bit. This is the only module that
@@ -17,6 +18,7 @@ import re
 from textstat.backend.counts import count_words
 from textstat.backend.selections import list_words
 from textstat.backend.utils import get_cmudict, get_lang_cfg, get_lang_root, get_pyphen
+from textstat.backend.utils.constants import RE_NONCONTRACTION_APOSTROPHE
 
 LANG = "en_US"
 """textstat's default language, which ``textstat.flesch_reading_ease`` uses."""
@@ -72,33 +74,54 @@ def count_sentences(text: str) -> int:
     return max(1, len(sentences) - ignored)
 
 
-def _syllable_total(lower_words: list[str]) -> int:
+def _syllable_total(words: list[str]) -> int:
     """The syllables of every word, each distinct word looked up in textstat once."""
     cache = _syllable_cache
     try:
-        return sum(map(cache.__getitem__, lower_words))
+        return sum(map(cache.__getitem__, words))
     except KeyError:
-        new = set(lower_words).difference(cache)
+        new = set(words).difference(cache)
         if len(cache) + len(new) > SYLLABLE_CACHE_SIZE:
             cache.clear()
-            new = set(lower_words)
+            new = set(words)
         for word in new:
             cache[word] = _syllables(word)
-        return sum(map(cache.__getitem__, lower_words))
+        return sum(map(cache.__getitem__, words))
+
+
+_PUNCTUATION = re.compile(r"[^\w\s\']")
+"""What textstat's ``remove_punctuation`` deletes (after the apostrophes below)."""
+_ASCII_PUNCTUATION = bytes(c for c in range(128) if _PUNCTUATION.match(chr(c)))
+_LONE_APOSTROPHE = re.compile(RE_NONCONTRACTION_APOSTROPHE)
+
+
+def lower_words(text: str) -> list[str]:
+    """``list_words(text, lowercase=True)``: textstat's words, in lower case.
+
+    textstat deletes apostrophes that do not start a contraction, then every character
+    that is not a word character, a blank or an apostrophe, lowers and splits. ASCII
+    text does the second deletion with a byte table (the same characters: the table
+    is made by that regex) instead of a regex pass over every character.
+    """
+    if not text.isascii():
+        return list_words(text, lowercase=True)
+    if "'" in text:
+        text = _LONE_APOSTROPHE.sub("", text)
+    return text.encode("ascii").translate(None, _ASCII_PUNCTUATION).decode("ascii").lower().split()
 
 
 def flesch_reading_ease(text: str) -> float:
     """``textstat.flesch_reading_ease(text)`` (textstat's rounding is off by default)."""
     # textstat counts the words of ``list_words(text)``; lower-casing never adds or
     # removes a blank, so the lower-case list it needs anyway has as many.
-    lower_words = list_words(text, lowercase=True)
-    word_total = len(lower_words)
+    words = lower_words(text)
+    word_total = len(words)
     try:
         sentence_length = word_total / count_sentences(text)
     except ZeroDivisionError:
         sentence_length = 0.0
     try:
-        syllables = _syllable_total(lower_words) / word_total
+        syllables = _syllable_total(words) / word_total
     except ZeroDivisionError:
         syllables = 0.0
     if sentence_length == 0 or syllables == 0:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import textstat
+from textstat.backend.selections import list_words
 
 from core.constants import STAGES
 from core.llm import LLMRequest, LLMResponse, TextCallback
@@ -32,7 +33,7 @@ from core.settings import Settings
 from stages.base import StageInput
 from stages.markdown_doc import plain_text
 from stages.models import SeoCopy
-from stages.reading_ease import flesch_reading_ease
+from stages.reading_ease import flesch_reading_ease, lower_words
 from stages.registry import get_stage
 from stages.result import build_result
 
@@ -471,11 +472,20 @@ def test_reading_ease_is_textstats_on_random_text() -> None:
         "'",
         "a-b",
         "It",
+        "'tis",
+        "we've",
+        "Y'ALL",
+        "o'",
+        "\x1c",
+        "_x",
+        "#",
+        "~",
     ]
     for _ in range(3000):
         tokens = [rng.choice(pieces) for _ in range(rng.randint(0, 14))]
         text = "".join(token + rng.choice([" ", " ", "", "\n", ". ", "! "]) for token in tokens)
         assert flesch_reading_ease(text) == textstat.flesch_reading_ease(text), text
+        assert lower_words(text) == list_words(text, lowercase=True), text
 
 
 async def _record_all() -> dict[str, Any]:
