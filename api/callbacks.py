@@ -8,7 +8,7 @@ from api.responses import JSONResponse
 from api.validation import BadRequest
 from core.requests import BlogRequest
 from core.settings import Settings
-from core.ssrf import check_callback_url
+from core.ssrf import check_callback_url, needs_lookup
 
 
 async def check_callback(
@@ -21,13 +21,17 @@ async def check_callback(
     """
     if not blog.callback_url:
         return
+    allow_http, allowed_hosts = settings.webhook_allow_http, settings.webhook_allowed_hosts
     try:
-        await asyncio.to_thread(
-            check_callback_url,
-            blog.callback_url,
-            allow_http=settings.webhook_allow_http,
-            allowed_hosts=settings.webhook_allowed_hosts,
-        )
+        # A host name is resolved on a thread; an address or an allow-listed host is
+        # decided here, without the hop.
+        if needs_lookup(blog.callback_url, allow_http=allow_http, allowed_hosts=allowed_hosts):
+            await asyncio.to_thread(
+                check_callback_url,
+                blog.callback_url,
+                allow_http=allow_http,
+                allowed_hosts=allowed_hosts,
+            )
     except ValueError as exc:
         message = f"Invalid request: callback_url: {exc}"
         error = {"loc": [*loc, "callback_url"], "msg": str(exc), "type": "callback_url_refused"}

@@ -116,6 +116,21 @@ def address_problem(address: IPAddress) -> str | None:
     return None
 
 
+def needs_lookup(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> bool:
+    """The part of ``check_callback_url`` that needs no DNS: the URL's form, the
+    allow-list and an address written in the URL. Raise ValueError as it does; True when
+    the host is a name still to be resolved and checked."""
+    _, host, _ = _split(url, allow_http=allow_http)
+    allow = AllowList.parse(allowed_hosts)
+    if allow.allows_host(host):
+        return False
+    literal = _literal(host)
+    if literal is not None:
+        _check_addresses(host, [literal], allow)
+        return False
+    return True
+
+
 def check_callback_url(
     url: str,
     *,
@@ -126,16 +141,13 @@ def check_callback_url(
     """Refuse a callback URL that is not https (unless ``allow_http``) or that names or
     resolves to a non-public address, unless allow-listed; raise ValueError saying why.
 
-    It resolves the host (blocking); call it through ``asyncio.to_thread`` from async code.
+    It resolves the host (blocking); call it through ``asyncio.to_thread`` from async code,
+    when ``needs_lookup`` says a lookup is left to do.
     """
-    scheme, host, port = _split(url, allow_http=allow_http)
+    if not needs_lookup(url, allow_http=allow_http, allowed_hosts=allowed_hosts):
+        return
+    _, host, port = _split(url, allow_http=allow_http)
     allow = AllowList.parse(allowed_hosts)
-    if allow.allows_host(host):
-        return
-    literal = _literal(host)
-    if literal is not None:
-        _check_addresses(host, [literal], allow)
-        return
     try:
         answers = (resolver or _system_resolver)(host, port)
     except OSError as exc:

@@ -207,7 +207,10 @@ class Notifier:
         else:
             stored, created = await self.deliveries.create(new)
         if created:
-            logger.info(
+            # A delivery sent at once is logged by its attempt; one left for the delivery
+            # loop (pending, held, skipped) is worth a line of its own.
+            logger.log(
+                logging.DEBUG if claimed is not None else logging.INFO,
                 "Queued %s webhook %s for job %s (%s)",
                 event.type,
                 stored.id,

@@ -47,7 +47,8 @@ class LocalTaskQueue:
         task = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda done: self._finished(job_id, done))
-        logger.info(
+        # DEBUG: the start itself logs "Job … started" (or why it did not start).
+        logger.debug(
             "Started job %s in-process",
             job_id,
             extra={"action": "job_enqueued", "job_id": str(job_id)},

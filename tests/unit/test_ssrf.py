@@ -161,3 +161,31 @@ def test_resolved_target_connects_to_the_checked_address() -> None:
     assert target.url_for("93.184.216.34") == "https://93.184.216.34:8443/a/b?x=1"
     assert target.url_for("2606:2800::1") == "https://[2606:2800::1]:8443/a/b?x=1"
     assert target.host_header == "hooks.example.com:8443"
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "lookup"),
+    [
+        ("https://93.184.216.34/hook", (), False),
+        ("https://[2606:2800:220:1::1]/hook", (), False),
+        ("http://127.0.0.1:8080/hook", ("127.0.0.1",), False),
+        ("https://hooks.example.com/x", ("hooks.example.com",), False),
+        ("https://hooks.example.com/x", (), True),
+    ],
+)
+def test_what_needs_no_lookup_is_decided_without_one(
+    url: str, allowed: tuple[str, ...], lookup: bool
+) -> None:
+    from core.ssrf import needs_lookup
+
+    assert needs_lookup(url, allow_http=True, allowed_hosts=allowed) is lookup
+
+
+@pytest.mark.parametrize(
+    "url", ["https://10.1.2.3/hook", "https://[::1]/hook", "ftp://93.184.216.34/", "http://x/"]
+)
+def test_what_needs_no_lookup_is_refused_without_one(url: str) -> None:
+    from core.ssrf import needs_lookup
+
+    with pytest.raises(ValueError):
+        needs_lookup(url, allow_http=False, allowed_hosts=())
