@@ -45,6 +45,12 @@ from stages.runner import StageRunner
 logger = logging.getLogger("blogpipe")
 
 
+START_ROOM_WAIT = 10.0
+"""Longest a job waits in the in-process task queue for room in the first stage here:
+after it, the job starts anyway and its message waits in the shared queue, where any
+process's consumer takes it (another replica may have room)."""
+
+
 def build_broker(settings: Settings, engine: AsyncEngine) -> Broker:
     """The broker ``BLOGPIPE_BROKER`` selects."""
     if settings.broker == "pubsub":
@@ -85,8 +91,18 @@ class Runtime:
         dispatcher = Dispatcher(engine, broker)
         store = PipelineStore(engine, dispatcher, lease_seconds=settings.stage_lease_seconds)
 
+        first_topic = stage_topic(STAGES[0])
+
         async def start_job(job_id: UUID) -> None:
-            await store.start_job(job_id)
+            # The in-process task queue starts a job once the first stage has room here
+            # (or after START_ROOM_WAIT): a burst of submissions then flows through the
+            # stages in memory instead of overflowing into rows that are leased later.
+            # Until then the job is stored as queued, as it would be in Cloud Tasks.
+            if settings.task_queue != "local":
+                await store.start_job(job_id)
+                return
+            async with dispatcher.room_for(first_topic, START_ROOM_WAIT):
+                await store.start_job(job_id)
 
         return cls(
             settings=settings,

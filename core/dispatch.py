@@ -9,9 +9,10 @@ published right after commit; the relay republishes rows a crash left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import orjson
 from sqlalchemy import text
@@ -92,6 +93,15 @@ class Dispatcher:
         if hold is None:
             return {**args, f"{prefix}_hold": None, f"{prefix}_hold_secs": None}, None
         return {**args, **hold.args(prefix)}, hold
+
+    def room_for(self, topic: str, within: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """Wait until a consumer of ``topic`` in this process could take one more message
+        in memory, at most ``within`` seconds (``PostgresBroker.room_for``); at once with a
+        broker that has no consumers in this process to wait for."""
+        room_for = getattr(self.broker, "room_for", None)
+        if self.transactional and room_for is not None:
+            return cast(contextlib.AbstractAsyncContextManager[None], room_for(topic, within))
+        return contextlib.nullcontext()
 
     def acked(self, delivery: Delivery) -> None:
         """``delivery`` was acked by the statement ``hold(…, ack=delivery)`` staged for."""

@@ -11,9 +11,11 @@ so an idle consumer sleeps until a message arrives or a backoff ends.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +151,10 @@ class PostgresBroker:
         self._unsent: list[tuple[str, Message, asyncio.Future[str]]] = []
         self._listening = False
         self._closed = False
+        # Per topic, callers of ``wait_for_room`` in arrival order; a slot that frees up
+        # wakes one of them.
+        self._room_waiters: dict[str, collections.deque[list[asyncio.Future[None]]]] = {}
+        self._starting: dict[str, int] = {}  # per topic, slots promised by ``room_for``
 
     @property
     def listening(self) -> bool:
@@ -254,6 +260,70 @@ class PostgresBroker:
         its consumer in this process need not ack it when the handler returns."""
         for consumer in self._consumers.get(delivery.subscription, ()):
             consumer.acked(delivery.message_id)
+
+    @contextlib.asynccontextmanager
+    async def room_for(self, topic: str, within: float) -> AsyncIterator[None]:
+        """Enter once a consumer of ``topic`` in this process has a slot for one more
+        message that no other ``room_for`` holds (so ``hold`` inside will succeed), or
+        after ``within`` seconds; at once if none consumes ``topic`` here.
+
+        The local task queue starts each job inside this: a burst of submissions is
+        started as the first stage frees slots, each handed over in memory, instead of
+        overflowing into queue rows that are leased and claimed later. Waiters enter first
+        come, first served, woken one per freed slot.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        waiters = self._room_waiters.setdefault(topic, collections.deque())
+        # This caller's place in the queue: it keeps it, with a new future, when woken for
+        # a slot that was taken before it ran.
+        place: list[asyncio.Future[None]] = []
+        granted = False
+        try:
+            while True:
+                free = self._free_room(topic)
+                if free is None:
+                    break  # no consumer of the topic here: nothing to wait for
+                if free > self._starting.get(topic, 0):
+                    granted = True
+                    break
+                if place:
+                    place[0] = loop.create_future()
+                else:
+                    place.append(loop.create_future())
+                    waiters.append(place)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await place[0]
+                except TimeoutError:
+                    break
+        finally:
+            if place:
+                place[0].cancel()
+                with contextlib.suppress(ValueError):
+                    waiters.remove(place)
+        if granted:
+            self._starting[topic] = self._starting.get(topic, 0) + 1
+        try:
+            yield
+        finally:
+            if granted:
+                self._starting[topic] -= 1
+                self.room_made(topic)  # unless the start took the slot, it is free again
+
+    def _free_room(self, topic: str) -> int | None:
+        """Slots for ``topic`` in this process's consumers; None if none consumes it."""
+        mine = [c for g in self._consumers.values() for c in g if c.consumes(topic)]
+        if not mine:
+            return None
+        return sum(c.room for c in mine if c.can_hold(topic))
+
+    def room_made(self, topic: str) -> None:
+        """A consumer of ``topic`` freed a slot: wake the longest waiter not yet woken."""
+        for place in self._room_waiters.get(topic, ()):
+            if not place[0].done():
+                place[0].set_result(None)
+                return
 
     def hold(self, topic: str) -> Hold | None:
         """Room with a consumer of ``topic`` in this process for a message about to be
@@ -410,6 +480,7 @@ class Hold:
         """The statement failed or staged nothing: give the room back."""
         if self._end():
             self._consumer.room_freed()
+            self._consumer.room_made()
 
     def _end(self) -> bool:
         """Give up the reservation; False if it already was."""
@@ -467,6 +538,15 @@ class _Consumer:
     @property
     def room(self) -> int:
         return self.max_in_flight - len(self._in_flight) - self.reserved
+
+    def consumes(self, topic: str) -> bool:
+        """Whether this consumer takes ``topic``'s messages (not a dead-letter drain)."""
+        return not self.drain and self.spec is not None and self.spec.topic == topic
+
+    def room_made(self) -> None:
+        """A slot of this consumer freed up (``PostgresBroker.wait_for_room``)."""
+        if self.spec is not None and not self.drain:
+            self.broker.room_made(self.spec.topic)
 
     def can_hold(self, topic: str) -> bool:
         """Whether a message of ``topic`` may be staged leased to this consumer."""
@@ -627,6 +707,7 @@ class _Consumer:
         self._in_flight.pop(lease.row_id, None)
         self._outcomes.append((lease, delay))
         self._wake.set()
+        self.room_made()
 
     async def _settle(self, conn: asyncpg.Connection) -> None:
         if not self._outcomes:

@@ -401,6 +401,63 @@ async def test_no_hold_without_a_local_consumer_with_room(broker: PostgresBroker
         release.set()
 
 
+async def test_room_for_lets_starts_in_as_the_local_consumer_frees_slots(
+    broker: PostgresBroker,
+) -> None:
+    spec = await make_subscription(broker)
+    async with asyncio.timeout(TIMEOUT):
+        async with broker.room_for(spec.topic, within=NEVER):
+            pass  # nobody consumes the topic here: nothing to wait for
+    release = asyncio.Event()
+    busy = Recorder(lambda _: release.wait())
+    async with subscribed(broker, spec.name, busy, max_in_flight=2):
+        (await room_with(broker, spec.topic)).release()  # the consumer is up
+        entered: list[str] = []
+
+        async def delivered(count: int) -> bool:
+            return await busy.count() >= count
+
+        async def start(name: str) -> None:
+            async with broker.room_for(spec.topic, within=NEVER):
+                entered.append(name)
+                await broker.publish(spec.topic, Message(name.encode()))
+                # Inside, the slot is promised to this start: nobody else gets it.
+                await wait_for(lambda: delivered(len(entered)), timeout=TIMEOUT)
+
+        starts = [asyncio.create_task(start(f"job-{n}")) for n in range(4)]
+        try:
+            # The first two take both slots and finish their starts; their messages keep
+            # the consumer full, so the other two, woken as each start ends, stay out.
+            await asyncio.wait_for(asyncio.gather(*starts[:2]), TIMEOUT)
+            assert entered == ["job-0", "job-1"]
+            assert not starts[2].done() and not starts[3].done()
+            release.set()  # both slots free up: the next two go in, first come first served
+            await asyncio.wait_for(asyncio.gather(*starts[2:]), TIMEOUT)
+            assert entered == ["job-0", "job-1", "job-2", "job-3"]
+        finally:
+            for task in starts:
+                task.cancel()
+
+
+async def test_room_for_gives_up_waiting_after_its_time(broker: PostgresBroker) -> None:
+    spec = await make_subscription(broker)
+    release = asyncio.Event()
+    busy = Recorder(lambda _: release.wait())
+    async with subscribed(broker, spec.name, busy, max_in_flight=1):
+        hold = await room_with(broker, spec.topic)  # the only slot, reserved
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            async with asyncio.timeout(TIMEOUT):
+                async with broker.room_for(spec.topic, within=0.2):
+                    waited = loop.time() - began
+            assert waited >= 0.2  # it waited its time, then let the start go on anyway
+            assert broker.hold(spec.topic) is None
+        finally:
+            hold.release()
+            release.set()
+
+
 async def test_only_available_rows_notify(
     broker: PostgresBroker, engine: AsyncEngine, database_url: str
 ) -> None:
