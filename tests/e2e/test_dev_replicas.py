@@ -4,15 +4,21 @@ runs in the replica that took it, and a replica that dies is restarted."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.support.pipeline import PipelineProcess, pipeline_env, submit
+from tests.support.pipeline import (
+    PipelineProcess,
+    children_of,
+    jobs_completed,
+    kill_one_child_and_run_jobs,
+    pipeline_env,
+    stop_and_check_children_gone,
+    submit,
+)
 from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
 
@@ -22,19 +28,6 @@ CONNECTIONS = 16
 """Fresh connections opened at once: the kernel spreads them over the replicas by a
 hash of each one's address, so all of them landing on one of two replicas has a chance
 of 2 in 65,536."""
-
-
-def replicas_of(process: PipelineProcess) -> list[psutil.Process]:
-    """The running ``serve`` children (a killed one is a zombie until dev reaps it)."""
-    assert process.process is not None
-    found = []
-    for child in psutil.Process(process.process.pid).children():
-        try:
-            if "serve" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
 
 
 def connections_on(pid: int, port: int) -> int:
@@ -55,7 +48,7 @@ async def test_replicas_share_the_port_run_jobs_and_are_restarted(
     port = int(env["PORT"])
     try:
         # /readyz answers only once the other replica is serving too.
-        replicas = replicas_of(dev)
+        replicas = children_of(dev, "serve")
         assert len(replicas) == 1, replicas
         clients = [httpx.AsyncClient(timeout=10) for _ in range(CONNECTIONS)]
         try:
@@ -76,37 +69,16 @@ async def test_replicas_share_the_port_run_jobs_and_are_restarted(
                 await client.aclose()
 
         async with httpx.AsyncClient(timeout=10) as client:
-
-            async def completed(ids: list[str]) -> bool:
-                bodies = [(await client.get(f"{dev.url}/api/v1/blog/jobs/{j}")).json() for j in ids]
-                assert all(b["status"] != "failed" for b in bodies), bodies
-                return all(b["status"] == "completed" for b in bodies)
-
-            await wait_for(lambda: completed(job_ids), timeout=90, message="jobs completed")
+            await wait_for(
+                lambda: jobs_completed(client, dev.url, job_ids), timeout=90, message="jobs"
+            )
             log = (tmp_path / "dev.log").read_text()
             assert log.count("Running api, research, outline, draft, seo, notifier") == 1
-
-            # A replica killed with SIGKILL is replaced, and jobs still complete.
-            os.kill(replicas[0].pid, signal.SIGKILL)
-
-            async def replaced() -> bool:
-                pids = {r.pid for r in replicas_of(dev)}
-                return len(pids) == 1 and replicas[0].pid not in pids
-
-            await wait_for(replaced, timeout=30, message="the killed replica to be replaced")
-            more = [
-                await submit(client, dev.url, webhook_receiver.url, topic=f"After {n}")
-                for n in range(3)
-            ]
-            await wait_for(lambda: completed(more), timeout=90, message="jobs after the kill")
+            more = await kill_one_child_and_run_jobs(dev, "serve", client, webhook_receiver.url)
 
         async def webhooks() -> bool:
             return len(webhook_receiver.requests) >= len(job_ids) + len(more)
 
         await wait_for(webhooks, timeout=60, message="a webhook per job")
-        survivors = replicas_of(dev)
     finally:
-        await asyncio.wait_for(asyncio.to_thread(dev.stop), 40)
-    # SIGTERM to dev stops its replicas too.
-    gone = await asyncio.wait_for(asyncio.to_thread(psutil.wait_procs, survivors, 20), 30)
-    assert not gone[1], f"replicas still running after dev stopped: {gone[1]}"
+        await stop_and_check_children_gone(dev, "serve")

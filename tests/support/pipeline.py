@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from blogpipe.runtime import Pipeline
 from core.settings import Settings
@@ -115,3 +116,52 @@ async def submit(
     response = await client.post(f"{base}/api/v1/blog/generate-enhanced?async_mode=true", json=body)
     assert response.status_code == 202, response.text
     return str(response.json()["job_id"])
+
+
+def children_of(process: PipelineProcess, command: str) -> list[psutil.Process]:
+    """``blogpipe dev``'s running ``blogpipe <command>`` children (a killed one is a
+    zombie until dev reaps it, and is left out)."""
+    assert process.process is not None
+    found = []
+    for child in psutil.Process(process.process.pid).children():
+        try:
+            if command in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+async def jobs_completed(client: httpx.AsyncClient, base: str, job_ids: list[str]) -> bool:
+    """Whether every job completed (none may have failed)."""
+    bodies = [(await client.get(f"{base}/api/v1/blog/jobs/{j}")).json() for j in job_ids]
+    assert all(b["status"] != "failed" for b in bodies), bodies
+    return all(b["status"] == "completed" for b in bodies)
+
+
+async def kill_one_child_and_run_jobs(
+    dev: PipelineProcess, command: str, client: httpx.AsyncClient, callback_url: str
+) -> list[str]:
+    """SIGKILL one of dev's ``command`` children, wait until dev has replaced it, then
+    submit three jobs and wait until they complete; their ids."""
+    children = children_of(dev, command)
+    os.kill(children[0].pid, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        pids = {child.pid for child in children_of(dev, command)}
+        return len(pids) == len(children) and children[0].pid not in pids
+
+    await wait_for(replaced, timeout=30, message=f"the killed {command} to be replaced")
+    more = [await submit(client, dev.url, callback_url, topic=f"After {n}") for n in range(3)]
+    await wait_for(
+        lambda: jobs_completed(client, dev.url, more), timeout=90, message="jobs after the kill"
+    )
+    return more
+
+
+async def stop_and_check_children_gone(dev: PipelineProcess, command: str) -> None:
+    """SIGTERM dev; its ``command`` children must stop with it."""
+    survivors = children_of(dev, command)
+    await asyncio.wait_for(asyncio.to_thread(dev.stop), 40)
+    gone = await asyncio.wait_for(asyncio.to_thread(psutil.wait_procs, survivors, 20), 30)
+    assert not gone[1], f"{command} children still running after dev stopped: {gone[1]}"
