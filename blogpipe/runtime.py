@@ -98,10 +98,10 @@ class Runtime:
             # (or after START_ROOM_WAIT): a burst of submissions then flows through the
             # stages in memory instead of overflowing into rows that are leased later.
             # Until then the job is stored as queued, as it would be in Cloud Tasks.
-            if settings.task_queue != "local":
-                await store.start_job(job_id)
-                return
-            async with dispatcher.room_for(first_topic, START_ROOM_WAIT):
+            room: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+            if settings.task_queue == "local":
+                room = dispatcher.room_for(first_topic, START_ROOM_WAIT)
+            async with room:
                 await store.start_job(job_id)
 
         return cls(
