@@ -151,8 +151,8 @@ class PostgresBroker:
         self._unsent: list[tuple[str, Message, asyncio.Future[str]]] = []
         self._listening = False
         self._closed = False
-        # Per topic, callers of ``wait_for_room`` in arrival order; a slot that frees up
-        # wakes one of them.
+        # Per topic, callers of ``room_for`` in arrival order; a slot that frees up wakes
+        # one of them.
         self._room_waiters: dict[str, collections.deque[list[asyncio.Future[None]]]] = {}
         self._starting: dict[str, int] = {}  # per topic, slots promised by ``room_for``
 
@@ -264,7 +264,8 @@ class PostgresBroker:
     @contextlib.asynccontextmanager
     async def room_for(self, topic: str, within: float) -> AsyncIterator[None]:
         """Enter once a consumer of ``topic`` in this process has a slot for one more
-        message that no other ``room_for`` holds (so ``hold`` inside will succeed), or
+        message that no other ``room_for`` holds (so ``hold`` inside finds it, unless a
+        hand-off in between takes it), or
         after ``within`` seconds; at once if none consumes ``topic`` here.
 
         The local task queue starts each job inside this: a burst of submissions is
@@ -551,9 +552,7 @@ class _Consumer:
     def can_hold(self, topic: str) -> bool:
         """Whether a message of ``topic`` may be staged leased to this consumer."""
         return (
-            not self.drain
-            and self.spec is not None
-            and self.spec.topic == topic
+            self.consumes(topic)
             and self._conn is not None
             and not self._stopping.is_set()
             and self.room > 0

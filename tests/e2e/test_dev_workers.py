@@ -12,10 +12,10 @@ from tests.support.pipeline import (
     PipelineProcess,
     children_of,
     jobs_completed,
-    kill_one_child_and_run_jobs,
     pipeline_env,
     stop_and_check_children_gone,
     submit,
+    survive_a_child_kill,
 )
 from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
@@ -43,11 +43,6 @@ async def test_workers_do_the_stages_and_are_restarted(
             log = (tmp_path / "dev.log").read_text()
             # The dev process runs only the API: the stage work was the workers'.
             assert log.count("Running research, outline, draft, seo, notifier") == 2
-            more = await kill_one_child_and_run_jobs(dev, "worker", client, webhook_receiver.url)
-
-        async def webhooks() -> bool:
-            return len(webhook_receiver.requests) >= len(job_ids) + len(more)
-
-        await wait_for(webhooks, timeout=60, message="a webhook per job")
+            await survive_a_child_kill(dev, "worker", client, webhook_receiver, len(job_ids))
     finally:
         await stop_and_check_children_gone(dev, "worker")

@@ -17,6 +17,7 @@ import psutil
 from blogpipe.runtime import Pipeline
 from core.settings import Settings
 from tests.support.net import free_port
+from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,11 +140,15 @@ async def jobs_completed(client: httpx.AsyncClient, base: str, job_ids: list[str
     return all(b["status"] == "completed" for b in bodies)
 
 
-async def kill_one_child_and_run_jobs(
-    dev: PipelineProcess, command: str, client: httpx.AsyncClient, callback_url: str
-) -> list[str]:
-    """SIGKILL one of dev's ``command`` children, wait until dev has replaced it, then
-    submit three jobs and wait until they complete; their ids."""
+async def survive_a_child_kill(
+    dev: PipelineProcess,
+    command: str,
+    client: httpx.AsyncClient,
+    receiver: WebhookReceiver,
+    earlier_jobs: int,
+) -> None:
+    """SIGKILL one of dev's ``command`` children and wait until dev has replaced it; then
+    three more jobs complete, and every job (``earlier_jobs`` and those) gets its webhook."""
     children = children_of(dev, command)
     os.kill(children[0].pid, signal.SIGKILL)
 
@@ -152,11 +157,15 @@ async def kill_one_child_and_run_jobs(
         return len(pids) == len(children) and children[0].pid not in pids
 
     await wait_for(replaced, timeout=30, message=f"the killed {command} to be replaced")
-    more = [await submit(client, dev.url, callback_url, topic=f"After {n}") for n in range(3)]
+    more = [await submit(client, dev.url, receiver.url, topic=f"After {n}") for n in range(3)]
     await wait_for(
         lambda: jobs_completed(client, dev.url, more), timeout=90, message="jobs after the kill"
     )
-    return more
+
+    async def webhooks() -> bool:
+        return len(receiver.requests) >= earlier_jobs + len(more)
+
+    await wait_for(webhooks, timeout=60, message="a webhook per job")
 
 
 async def stop_and_check_children_gone(dev: PipelineProcess, command: str) -> None:
