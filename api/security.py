@@ -1,5 +1,5 @@
-"""The security middleware stack, outermost first: CORS, request limits, API-key
-authentication, submission limits."""
+"""The security middleware stack, outermost first: CORS, the 503 for an unreachable
+database, request limits, API-key authentication, submission limits."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from starlette.middleware import Middleware
 from api.auth import ApiKeyAuth, warn_if_open
 from api.cors import cors_middleware
 from api.limits import RequestLimits, SubmissionLimits
+from api.unavailable import DatabaseUnavailable
 from core.db.apikeys import ApiKeyRepository
 from core.settings import Settings
 
@@ -18,6 +19,7 @@ def security_middleware(settings: Settings, engine: AsyncEngine) -> list[Middlew
     warn_if_open(settings.auth)
     return [
         cors_middleware(settings),
+        Middleware(DatabaseUnavailable),
         Middleware(
             RequestLimits,
             max_body_bytes=settings.max_body_bytes,

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.constants import STAGES, TOTAL_STAGES
 from core.db.polling import CACHED_STATUS, PollReads
-from core.db.raw import raw_connection
+from core.db.raw import read_on_live_connection
 from core.db.statements import Statement
 from core.requests import BlogRequest
 
@@ -342,8 +342,11 @@ class JobRepository:
         """How long a job takes end to end, learned from recent runs."""
         estimate = self._cached_estimate()
         if estimate is None:
-            async with raw_connection(self.engine) as conn:
-                estimate = self._remember_estimate(await conn.fetchval(_ESTIMATE_QUERY))
+
+            async def fetch(conn: asyncpg.Connection) -> Any:
+                return await conn.fetchval(_ESTIMATE_QUERY)
+
+            estimate = self._remember_estimate(await read_on_live_connection(self.engine, fetch))
         return estimate
 
     async def _estimated_total(self, conn: AsyncConnection) -> float:

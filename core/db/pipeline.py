@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,7 +37,7 @@ from core.constants import (
     stage_topic,
 )
 from core.db import pipeline_sql as sql
-from core.db.raw import raw_connection
+from core.db.raw import read_on_live_connection
 from core.db.statements import Statement
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
@@ -129,8 +130,11 @@ class PipelineStore:
         # A new job is queued at generation 1: start it in one statement. Anything else
         # (a duplicate delivery, a job already finished or gone) reads the job to say why.
         if not await self._start(job_id, 1):
-            async with raw_connection(self.engine) as conn:
-                row = await conn.fetchrow(sql.JOB_STATE, job_id)
+
+            async def fetch(conn: asyncpg.Connection) -> asyncpg.Record | None:
+                return await conn.fetchrow(sql.JOB_STATE, job_id)
+
+            row = await read_on_live_connection(self.engine, fetch)
             if row is None:
                 return "missing"
             if row["status"] not in ("queued", "pending"):

@@ -26,7 +26,7 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db.raw import CONNECTION_LOST, raw_connection
+from core.db.raw import read_on_live_connection
 
 CACHED_STATUS = "completed"
 DEFAULT_CACHE_BYTES = 32 * 2**20
@@ -135,15 +135,11 @@ class PollReads:
             [entry.updated_at for entry in kept.values()],
             [entry.generation for entry in kept.values()],
         )
-        try:
-            async with raw_connection(self.engine) as conn:
-                rows = await conn.fetch(self.query, *args)
-        except (*CONNECTION_LOST, asyncpg.InternalClientError):
-            # A pooled connection the server closed while it sat idle (or left mid-protocol
-            # when its backend was terminated: raw_connection has thrown it away): a read
-            # is safe to repeat, on a fresh connection.
-            async with raw_connection(self.engine) as conn:
-                rows = await conn.fetch(self.query, *args)
+
+        async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(self.query, *args)
+
+        rows = await read_on_live_connection(self.engine, fetch)
         answers: dict[UUID, Polled] = {}
         estimate: float | None = None
         for row in rows:

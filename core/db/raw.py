@@ -21,12 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
 
 _pools: weakref.WeakKeyDictionary[Any, asyncpg.Pool] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -82,6 +86,23 @@ CONNECTION_LOST = (
 """Errors that mean the connection is gone, not that the statement was wrong."""
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached, refused more clients or
+    dropped the connection — worth retrying shortly — rather than that a statement was
+    wrong. Covers errors from the hot pool and from SQLAlchemy's engine alike."""
+    if isinstance(exc, DBAPIError):
+        # The driver's own error is the cause of the DB-API error SQLAlchemy wraps.
+        driver = exc.orig.__cause__ if exc.orig is not None else None
+        return bool(exc.connection_invalidated) or (
+            driver is not None and database_unavailable(driver)
+        )
+    if isinstance(exc, SQLAlchemyTimeoutError):
+        return True  # every pooled connection busy for the whole pool timeout
+    return isinstance(
+        exc, (*CONNECTION_LOST, asyncpg.InternalClientError, asyncpg.TooManyConnectionsError)
+    )
+
+
 def spurious_cancel(exc: BaseException) -> bool:
     """True for the ``CancelledError`` asyncpg raises from a statement whose connection
     the server terminated under it — a real cancellation shows on the current task."""
@@ -116,6 +137,36 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
             await pool.release(conn)
         except asyncpg.InternalClientError:
             pass  # terminated under us: asyncpg already took it back
+
+
+async def read_on_live_connection(
+    engine: AsyncEngine, read: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """``read(conn)`` on a hot-pool connection, run again on another while the pooled
+    ones turn out dead. Only for reads: the statement may have run before its answer
+    was lost.
+
+    When the server ends its backends (a restart, a failover, an administrator), every
+    idle pooled connection is dead but shows it only when used: as a lost connection
+    or, in the moment between the server's farewell and the socket closing, as
+    "another operation is in progress". Each such connection is thrown away, so the
+    read is tried on at most the pool's size plus one; between tries the event loop
+    runs, so closings already on their way are seen. A connection that cannot be
+    opened at all is not retried: the database is down, and the caller hears so.
+    """
+    pool = await hot_pool(engine)
+    tries = pool.get_max_size() + 1
+    for attempt in range(1, tries + 1):
+        used = False
+        try:
+            async with raw_connection(engine) as conn:
+                used = True
+                return await read(conn)
+        except (*CONNECTION_LOST, asyncpg.InternalClientError):
+            if not used or attempt == tries:
+                raise
+        await asyncio.sleep(0)
+    raise AssertionError("unreachable")  # the last try returns or raises
 
 
 async def close_hot_pool(engine: AsyncEngine) -> None:

@@ -20,12 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import webhook_sql as sql
 from core.db.jobs import JobRecord
-from core.db.raw import raw_connection
+from core.db.raw import raw_connection, read_on_live_connection
 from core.db.webhook_records import (
     EXCERPT_LIMIT,
     FAILED,
@@ -96,8 +97,11 @@ class DeliveryRepository:
 
     async def event_job(self, job_id: UUID) -> EventJob | None:
         """The job an event is about (whatever its tenant), or None if it is gone."""
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(sql.EVENT_JOB.sql, *sql.EVENT_JOB.args(id=job_id))
+
+        async def fetch(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(sql.EVENT_JOB.sql, *sql.EVENT_JOB.args(id=job_id))
+
+        row = await read_on_live_connection(self.engine, fetch)
         if row is None:
             return None
         fields = dict(row)

@@ -17,6 +17,7 @@ from api.app import create_app
 from api.caller_auth import worker_authorizer
 from api.deps import ApiDeps
 from core.broker.postgres import PostgresBroker
+from core.db.engine import create_engine
 from core.db.jobs import JobRepository
 from core.db.pipeline import PipelineStore
 from core.dispatch import Dispatcher
@@ -42,8 +43,9 @@ def queue() -> RecordingQueue:
     return RecordingQueue()
 
 
-@pytest.fixture
-async def client(engine: AsyncEngine, queue: RecordingQueue) -> AsyncIterator[httpx.AsyncClient]:
+def api_client(
+    engine: AsyncEngine, queue: RecordingQueue, *, raise_app_exceptions: bool = True
+) -> httpx.AsyncClient:
     settings = Settings(worker_shared_secret=SECRET, auth="none")
     store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
 
@@ -59,8 +61,13 @@ async def client(engine: AsyncEngine, queue: RecordingQueue) -> AsyncIterator[ht
         worker_auth=worker_authorizer(settings),
         run_inline=inline,
     )
-    transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as c:
+    transport = httpx.ASGITransport(app=create_app(deps), raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10)
+
+
+@pytest.fixture
+async def client(engine: AsyncEngine, queue: RecordingQueue) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(engine, queue) as c:
         yield c
 
 
@@ -301,3 +308,29 @@ async def test_public_https_callback_is_accepted(client: httpx.AsyncClient) -> N
     body = {**VALID, "callback_url": "https://93.184.216.34/hook"}
     response = await client.post("/api/v1/blog/generate-enhanced?async_mode=true", json=body)
     assert response.status_code == 202, response.text
+
+
+async def test_an_unreachable_database_is_a_503_to_retry(queue: RecordingQueue) -> None:
+    unreachable = create_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none", pool_size=1)
+    try:
+        async with api_client(unreachable, queue) as down:
+            for response in (
+                await down.get(f"/api/v1/blog/jobs/{uuid.uuid4()}"),
+                await down.get("/api/v1/blog/jobs"),
+                await down.post("/api/v1/blog/generate-enhanced?async_mode=true", json=VALID),
+            ):
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "1"
+                assert "database could not be reached" in response.json()["detail"]
+    finally:
+        await unreachable.dispose()
+    assert queue.enqueued == []
+
+
+async def test_a_statement_error_stays_a_500(engine: AsyncEngine, queue: RecordingQueue) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE jobs RENAME COLUMN metadata TO metadata_gone"))
+    async with api_client(engine, queue, raise_app_exceptions=False) as client:
+        response = await client.get("/api/v1/blog/jobs")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error"}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import asyncpg
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.engine import create_engine
-from core.db.raw import hot_pool, raw_connection
+from core.db.raw import CONNECTION_LOST, hot_pool, raw_connection, read_on_live_connection
 from tests.support.waiting import wait_for
 
 
@@ -80,3 +82,72 @@ async def test_a_backend_terminated_mid_statement_is_an_error_not_a_cancellation
     assert isinstance(task.exception(), asyncpg.PostgresError | asyncpg.InterfaceError)
     async with raw_connection(engine) as conn:  # the pool hands out a working connection
         assert await asyncio.wait_for(conn.fetchval("SELECT 41 + 1"), 5) == 42
+
+
+def _terminate_from_another_loop(database_url: str, backends: list[int]) -> None:
+    """Ends ``backends`` and waits until they are gone, from a thread with its own event
+    loop: the caller's loop, blocked meanwhile, has not yet seen any of it."""
+
+    async def terminate() -> None:
+        conn = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", backends
+            )
+
+            async def gone() -> bool:
+                left = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", backends
+                )
+                return bool(left == 0)
+
+            await wait_for(gone, timeout=10, message="the terminated backends to exit")
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(terminate(),))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+async def test_a_read_outlives_every_pooled_connection_being_terminated(database_url: str) -> None:
+    engine = create_engine(database_url, pool_size=4)
+    try:
+        pool = await hot_pool(engine)
+        held = [await asyncio.wait_for(pool.acquire(), 10) for _ in range(4)]
+        backends = [
+            await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 5) for conn in held
+        ]
+        for conn in held:
+            await pool.release(conn)
+
+        _terminate_from_another_loop(database_url, backends)
+
+        async def read(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+        # A plain read lands on a dead connection; the retrying one finds a live one.
+        with pytest.raises((*CONNECTION_LOST, asyncpg.InternalClientError)):
+            async with raw_connection(engine) as conn:
+                await asyncio.wait_for(read(conn), 5)
+        backend = await asyncio.wait_for(read_on_live_connection(engine, read), 10)
+        assert backend not in backends
+    finally:
+        await asyncio.wait_for(engine.dispose(), 10)
+
+
+async def test_a_read_is_not_retried_when_no_connection_can_be_opened() -> None:
+    engine = create_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none", pool_size=2)
+    calls = 0
+
+    async def read(conn: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+
+    try:
+        with pytest.raises(OSError):
+            await asyncio.wait_for(read_on_live_connection(engine, read), 10)
+        assert calls == 0
+    finally:
+        await asyncio.wait_for(engine.dispose(), 10)
