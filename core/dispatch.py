@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.broker import Broker, Delivery, Message
 
 if TYPE_CHECKING:
-    from core.broker.postgres import Hold
+    from core.broker.postgres_consumer import Hold
 
 logger = logging.getLogger("blogpipe.dispatch")
 

@@ -13,7 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.broker import Delivery, Message, Nack, SubscriptionSpec
-from core.broker.postgres import CHANNEL, Hold, PostgresBroker
+from core.broker.postgres import CHANNEL, PostgresBroker
+from core.broker.postgres_consumer import Hold
 from core.db.engine import plain_url
 from core.db.raw import raw_connection
 from core.db.statements import Statement
