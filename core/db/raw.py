@@ -110,27 +110,71 @@ def spurious_cancel(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() == 0
 
 
+SUSPECT_SECONDS = 5.0
+"""After a connection of a pool is found dead, how long each connection it hands out is
+checked first (``SELECT 1``): long enough for the others that died with it to be weeded
+out, short enough that the check costs nothing in normal running."""
+
+_suspect_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+"""Per engine (as ``_pools``), until when its hot pool's connections are checked."""
+
+
+def _suspect(engine: AsyncEngine) -> None:
+    _suspect_until[engine.sync_engine] = asyncio.get_running_loop().time() + SUSPECT_SECONDS
+
+
+async def _acquire_live(engine: AsyncEngine, pool: asyncpg.Pool) -> asyncpg.Connection:
+    """A connection of ``pool``; while it is suspect, one that answered a ping.
+
+    When the server ends its backends (a restart, a failover), every idle connection in
+    the pool is dead but shows it only when used, so a write handed one would fail and
+    its work (a stage's LLM output) be redone. The first failure makes the pool suspect;
+    until then connections are handed out unchecked.
+    """
+    conn = await pool.acquire()
+    if asyncio.get_running_loop().time() >= _suspect_until.get(engine.sync_engine, 0.0):
+        return conn
+    for _ in range(pool.get_max_size()):
+        try:
+            await conn.execute("SELECT 1")
+            return conn
+        except (*CONNECTION_LOST, asyncpg.InternalClientError, asyncio.CancelledError) as exc:
+            conn.terminate()  # dead, or cancelled mid-ping: never hand it out again
+            with contextlib.suppress(asyncpg.InternalClientError):
+                await pool.release(conn)
+            if isinstance(exc, asyncio.CancelledError) and not spurious_cancel(exc):
+                raise
+        conn = await pool.acquire()
+    return conn  # every try dead: let the caller's statement say what is wrong
+
+
 @contextlib.asynccontextmanager
 async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
     """An asyncpg connection from ``engine``'s hot pool, returned on exit.
 
     A connection the server terminated mid-statement surfaces as
     ``ConnectionDoesNotExistError`` (a transient database error), never as a
-    cancellation of the caller.
+    cancellation of the caller. After one is found dead, the pool's connections are
+    checked before use for a few seconds (``SUSPECT_SECONDS``).
     """
     pool = await hot_pool(engine)
-    conn = await pool.acquire()
+    conn = await _acquire_live(engine, pool)
     try:
         yield conn
     except asyncio.CancelledError as exc:
         if not spurious_cancel(exc):
             raise
+        _suspect(engine)
         conn.terminate()  # its protocol state is unknown: never hand it out again
         raise asyncpg.ConnectionDoesNotExistError(
             "the connection was terminated during a statement"
         ) from exc
     except asyncpg.InternalClientError:
+        _suspect(engine)
         conn.terminate()  # "another operation is in progress": the same
+        raise
+    except CONNECTION_LOST:
+        _suspect(engine)
         raise
     finally:
         try:

@@ -151,3 +151,34 @@ async def test_a_read_is_not_retried_when_no_connection_can_be_opened() -> None:
         assert calls == 0
     finally:
         await asyncio.wait_for(engine.dispose(), 10)
+
+
+async def test_after_one_dead_connection_the_next_statement_gets_a_live_one(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url, pool_size=4)
+    try:
+        pool = await hot_pool(engine)
+        held = [await asyncio.wait_for(pool.acquire(), 10) for _ in range(4)]
+        backends = [
+            await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 5) for conn in held
+        ]
+        for conn in held:
+            await pool.release(conn)
+
+        _terminate_from_another_loop(database_url, backends)
+
+        # asyncio.timeout, not wait_for: no task in between, so the loop does not get to
+        # notice the other connections' ends before they are handed out.
+        async with asyncio.timeout(10):
+            with pytest.raises((*CONNECTION_LOST, asyncpg.InternalClientError)):
+                async with raw_connection(engine) as conn:
+                    await conn.fetchval("SELECT $1::int", 1)
+            # The other three pooled connections died too; a write is not retried, so
+            # the pool must hand out a live connection by itself. (Prepared statements,
+            # as the hot paths run.)
+            async with raw_connection(engine) as conn:
+                backend = await conn.fetchval("SELECT pg_backend_pid() + $1", 0)
+        assert backend not in backends
+    finally:
+        await asyncio.wait_for(engine.dispose(), 10)
