@@ -186,30 +186,23 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
 async def read_on_live_connection(
     engine: AsyncEngine, read: Callable[[asyncpg.Connection], Awaitable[T]]
 ) -> T:
-    """``read(conn)`` on a hot-pool connection, run again on another while the pooled
-    ones turn out dead. Only for reads: the statement may have run before its answer
-    was lost.
+    """``read(conn)`` on a hot-pool connection, run once more if that connection turns out
+    dead. Only for reads: the statement may have run before its answer was lost.
 
-    When the server ends its backends (a restart, a failover, an administrator), every
-    idle pooled connection is dead but shows it only when used: as a lost connection
-    or, in the moment between the server's farewell and the socket closing, as
-    "another operation is in progress". Each such connection is thrown away, so the
-    read is tried on at most the pool's size plus one; between tries the event loop
-    runs, so closings already on their way are seen. A connection that cannot be
-    opened at all is not retried: the database is down, and the caller hears so.
+    The failure makes the pool check the connections it hands out (``_acquire_live``),
+    so the second try gets a live one even when every pooled connection died together (a
+    restart, a failover). A connection that cannot be opened at all is not retried: the
+    database is down, and the caller hears so.
     """
-    pool = await hot_pool(engine)
-    tries = pool.get_max_size() + 1
-    for attempt in range(1, tries + 1):
+    for last in (False, True):
         used = False
         try:
             async with raw_connection(engine) as conn:
                 used = True
                 return await read(conn)
         except (*CONNECTION_LOST, asyncpg.InternalClientError):
-            if not used or attempt == tries:
+            if not used or last:
                 raise
-        await asyncio.sleep(0)
     raise AssertionError("unreachable")  # the last try returns or raises
 
 

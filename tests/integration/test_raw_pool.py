@@ -111,18 +111,26 @@ def _terminate_from_another_loop(database_url: str, backends: list[int]) -> None
     assert not thread.is_alive()
 
 
+async def _terminate_pooled_connections(
+    engine: AsyncEngine, database_url: str, count: int
+) -> list[int]:
+    """Fills ``engine``'s hot pool with ``count`` idle connections and ends their backends
+    (``_terminate_from_another_loop``); returns their pids."""
+    pool = await hot_pool(engine)
+    held = [await asyncio.wait_for(pool.acquire(), 10) for _ in range(count)]
+    backends = [
+        await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 5) for conn in held
+    ]
+    for conn in held:
+        await pool.release(conn)
+    _terminate_from_another_loop(database_url, backends)
+    return backends
+
+
 async def test_a_read_outlives_every_pooled_connection_being_terminated(database_url: str) -> None:
     engine = create_engine(database_url, pool_size=4)
     try:
-        pool = await hot_pool(engine)
-        held = [await asyncio.wait_for(pool.acquire(), 10) for _ in range(4)]
-        backends = [
-            await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 5) for conn in held
-        ]
-        for conn in held:
-            await pool.release(conn)
-
-        _terminate_from_another_loop(database_url, backends)
+        backends = await _terminate_pooled_connections(engine, database_url, 4)
 
         async def read(conn: asyncpg.Connection) -> int:
             return int(await conn.fetchval("SELECT pg_backend_pid()"))
@@ -158,15 +166,7 @@ async def test_after_one_dead_connection_the_next_statement_gets_a_live_one(
 ) -> None:
     engine = create_engine(database_url, pool_size=4)
     try:
-        pool = await hot_pool(engine)
-        held = [await asyncio.wait_for(pool.acquire(), 10) for _ in range(4)]
-        backends = [
-            await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 5) for conn in held
-        ]
-        for conn in held:
-            await pool.release(conn)
-
-        _terminate_from_another_loop(database_url, backends)
+        backends = await _terminate_pooled_connections(engine, database_url, 4)
 
         # asyncio.timeout, not wait_for: no task in between, so the loop does not get to
         # notice the other connections' ends before they are handed out.
