@@ -172,6 +172,19 @@ class Notifier:
         wanted = job.callback_events or list(DEFAULT_CALLBACK_EVENTS)
         if not job.callback_url or event.type not in wanted:
             return None
+        if event.generation < job.generation:
+            # A replay or a cancel started a new generation before this event was handled:
+            # the document now describes that one, so sending it as this event's would
+            # contradict the event. The new generation sends its own.
+            logger.info(
+                "Skipping %s for job %s: generation %s was superseded by %s",
+                event.type,
+                job.id,
+                event.generation,
+                job.generation,
+                extra={"action": "webhook_event_superseded", "job_id": str(job.id)},
+            )
+            return None
         if event.type == PROGRESS_EVENT and job.status in FINISHED_STATUSES:
             logger.info(
                 "Skipping %s for job %s: the job already finished",

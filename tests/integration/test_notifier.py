@@ -176,6 +176,30 @@ async def test_events_the_job_did_not_ask_for_are_not_sent(
     assert await DeliveryRepository(engine).list_for_job(job_id) == []
 
 
+async def test_an_event_of_a_replaced_generation_is_not_sent(
+    engine: AsyncEngine, webhook_receiver: WebhookReceiver
+) -> None:
+    job_id = await finished_job(engine, webhook_receiver.url)
+    # Replayed after generation 1 completed, before its event was handled: the job's
+    # document now describes generation 2, which sends its own events.
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE jobs SET generation = 2, status = 'processing' WHERE id = :id"),
+            {"id": job_id},
+        )
+    notifier = make_notifier(engine, make_settings())
+    try:
+        stale = await asyncio.wait_for(notifier.enqueue(_event(job_id)), timeout=10)
+        current = JobEvent("evt_current", "job.completed", job_id, 2, datetime.now(UTC))
+        stored = await asyncio.wait_for(notifier.enqueue(current), timeout=10)
+    finally:
+        await notifier.close()
+    assert stale is None
+    assert stored is not None and stored.event_id == "evt_current"
+    [history] = await DeliveryRepository(engine).list_for_job(job_id)
+    assert history.delivery.event_id == "evt_current"
+
+
 def _event(job_id: UUID, type_: str = "job.completed") -> JobEvent:
     return JobEvent.from_bytes(event_delivery(job_id, type_).data)
 
