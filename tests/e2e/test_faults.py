@@ -216,6 +216,13 @@ async def test_poison_output_dead_letters_then_replay_completes(
         assert draft["attempts"] == attempts and draft["error"]
         before = Counter(fake_openai.calls)
 
+        # The notifier skips an event whose job a replay moved on before it was handled
+        # (its status document would describe the new generation), so the frontend hears
+        # of the failure only if it is sent before the replay.
+        async def failure_sent() -> bool:
+            return any(kind == "job.failed" for _, kind, _ in webhook_types(webhook_receiver))
+
+        await wait_for(failure_sent, timeout=30, message="the job.failed webhook")
         fake_openai.faults.clear()
         response = await client.post(f"{pipeline.url}/api/v1/blog/jobs/{job_id}/replay")
         assert response.status_code == 202 and response.json()["from_stage"] == "draft"
