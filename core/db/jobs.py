@@ -212,9 +212,10 @@ class JobRepository:
     async def create(
         self, request: BlogRequest, *, tenant: str = "default", status: str = "queued"
     ) -> JobRecord:
-        """Store a new job: one statement on the hot pool, committed (durably) on return."""
+        """Store a new job: one statement on the hot pool (sent together with concurrent
+        submissions), committed (durably) on return."""
         job_id = uuid.uuid4()
-        row = await _CREATE.fetchrow(
+        row = await _CREATE.fetchrow_batched(
             self.engine,
             id=job_id,
             tenant=tenant,

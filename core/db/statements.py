@@ -3,16 +3,22 @@
 Hot-path statements are written once at import with ``:name`` placeholders (``::`` casts
 are left alone) and called with keyword arguments, so a statement of a dozen parameters
 stays readable and a missing argument is a ``KeyError`` naming it, not a shifted ``$n``.
+
+``Batcher`` sends concurrent callers' executions of one statement together: the pipeline's
+hand-offs, job submissions and webhook settlements, which under load arrive many at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import weakref
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db.raw import raw_connection
+from core.db.raw import database_unavailable, raw_connection
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -45,7 +51,144 @@ class Statement:
         async with raw_connection(engine) as conn:
             return await conn.fetchrow(self.sql, *self.args(**values))
 
+    async def fetchrow_batched(self, engine: AsyncEngine, **values: Any) -> Any:
+        """As ``fetchrow``, sent together with concurrent callers' executions of this
+        statement (``Batcher``): for single statements that return one row."""
+        return await batcher(self, engine).fetchrow(engine, **values)
+
     async def execute(self, engine: AsyncEngine, **values: Any) -> None:
         """Run on a hot-pool connection of ``engine`` (autocommit) for its effect."""
         async with raw_connection(engine) as conn:
             await conn.execute(self.sql, *self.args(**values))
+
+
+_Waiting = tuple[list[Any], asyncio.Future[Any]]
+"""An execution's arguments and the future its caller awaits."""
+
+BATCH_LIMIT = 64
+"""At most this many executions of one statement go to the server together."""
+
+
+class Batcher:
+    """One statement's executions by concurrent callers, sent to the server together.
+
+    A caller that finds no batch of this statement in flight sends its own at once (alone,
+    when nothing else waits: an idle system pays no delay); executions that arrive while
+    one is in flight wait for it and then go together, in one round trip and one
+    transaction (asyncpg's ``fetchmany``: one Sync, one commit). Under load that saves
+    the per-statement protocol and commit work of both sides.
+
+    Each execution must be a single statement returning exactly one row, and safe to run
+    in one transaction with other callers' executions (the pipeline's hand-offs lock only
+    their own job's rows; should two batches still deadlock, the server rejects one).
+    When the server rejects a batch (one execution's constraint violation, a deadlock
+    with another transaction) nothing of it was committed, so each execution is run again
+    alone and its caller gets its own row or error. When the connection is lost, whether
+    the batch committed is unknown: every caller gets the error, as each would alone.
+    """
+
+    __slots__ = ("_drainer", "_pending", "_statement")
+
+    def __init__(self, statement: Statement) -> None:
+        self._statement = statement
+        self._pending: list[_Waiting] = []
+        self._drainer: asyncio.Task[None] | None = None  # the task sending batches, if any
+
+    @property
+    def waiting(self) -> int:
+        """Executions waiting for the batch in flight to finish."""
+        return len(self._pending)
+
+    async def fetchrow(self, engine: AsyncEngine, **values: Any) -> Any:
+        """Run the statement with ``values`` on ``engine``'s hot pool (alone or with
+        others); its one row."""
+        args = self._statement.args(**values)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future))
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(engine))
+        return await future
+
+    async def _drain(self, engine: AsyncEngine) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:BATCH_LIMIT]
+                del self._pending[:BATCH_LIMIT]
+                await self._send(engine, batch)
+        except BaseException as exc:
+            # Cancelled (the loop is closing): nobody is left to send what waits.
+            for _, future in self._pending:
+                _settle(future, error=exc)
+            self._pending.clear()
+            raise
+        finally:
+            self._drainer = None
+
+    async def _send(self, engine: AsyncEngine, batch: list[_Waiting]) -> None:
+        sql = self._statement.sql
+        try:
+            async with raw_connection(engine) as conn:
+                if len(batch) == 1:
+                    rows = [await conn.fetchrow(sql, *batch[0][0])]
+                else:
+                    rows = await conn.fetchmany(sql, [args for args, _ in batch])
+        except BaseException as exc:
+            if isinstance(exc, Exception) and len(batch) > 1 and _rolled_back(exc):
+                await asyncio.gather(*(self._alone(engine, args, future) for args, future in batch))
+                return
+            for _, future in batch:
+                _settle(future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if len(rows) != len(batch):
+            error = RuntimeError(f"a batched statement returned {len(rows)} rows for {len(batch)}")
+            for _, future in batch:
+                _settle(future, error=error)
+            return
+        for (_, future), row in zip(batch, rows, strict=True):
+            _settle(future, row)
+
+    async def _alone(
+        self, engine: AsyncEngine, args: list[Any], future: asyncio.Future[Any]
+    ) -> None:
+        try:
+            async with raw_connection(engine) as conn:
+                row = await conn.fetchrow(self._statement.sql, *args)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            _settle(future, error=exc)
+        else:
+            _settle(future, row)
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """Whether the server certainly committed nothing of a batch that raised ``exc``: it
+    rejected a statement (the transaction was rolled back), or an argument could not be
+    encoded (nothing was sent)."""
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and not database_unavailable(exc)
+
+
+def _settle(
+    future: asyncio.Future[Any], row: Any = None, *, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return  # its caller was cancelled
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(row)
+
+
+_batchers: weakref.WeakKeyDictionary[Any, dict[Statement, Batcher]] = weakref.WeakKeyDictionary()
+
+
+def batcher(statement: Statement, engine: AsyncEngine) -> Batcher:
+    """The ``Batcher`` of ``statement`` for ``engine``'s database (one per pair; pass the
+    engine to its ``fetchrow``)."""
+    per_engine = _batchers.setdefault(engine.sync_engine, {})
+    found = per_engine.get(statement)
+    if found is None:
+        found = per_engine[statement] = Batcher(statement)
+    return found

@@ -221,26 +221,23 @@ class DeliveryRepository:
         """``record_attempt``, counting the attempt for or against the endpoint's health in
         the same statement: a success ends a failure run, a failure extends it."""
         error = _clean(outcome.error, 1000)
-        statement = sql.SETTLE
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                statement.sql,
-                *statement.args(
-                    id=delivery.id,
-                    attempt=delivery.attempt_count,
-                    status=status,
-                    code=outcome.status_code,
-                    error=error,
-                    retry_in=float(retry_in or 0.0),
-                    trigger=delivery.trigger,
-                    attempt_url=outcome.url,
-                    latency_ms=outcome.latency_ms,
-                    excerpt=_clean(outcome.response_excerpt, EXCERPT_LIMIT),
-                    tenant=delivery.tenant,
-                    url=delivery.url,
-                    health=health or "none",
-                ),
-            )
+        # Sent together with concurrent settlements: under load many attempts end at once.
+        row = await sql.SETTLE.fetchrow_batched(
+            self.engine,
+            id=delivery.id,
+            attempt=delivery.attempt_count,
+            status=status,
+            code=outcome.status_code,
+            error=error,
+            retry_in=float(retry_in or 0.0),
+            trigger=delivery.trigger,
+            attempt_url=outcome.url,
+            latency_ms=outcome.latency_ms,
+            excerpt=_clean(outcome.response_excerpt, EXCERPT_LIMIT),
+            tenant=delivery.tenant,
+            url=delivery.url,
+            health=health or "none",
+        )
         endpoint = None
         if row["tenant"] is not None:
             endpoint = WebhookEndpoint(**{k: v for k, v in row.items() if k != "recorded"})
