@@ -18,7 +18,12 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db.raw import database_unavailable, raw_connection
+from core.db.raw import (
+    CONNECTION_LOST,
+    database_unavailable,
+    raw_connection,
+    read_on_live_connection,
+)
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -26,9 +31,12 @@ _PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 class Statement:
     """One SQL statement: ``sql`` for asyncpg and ``args(**values)`` in ``$n`` order."""
 
-    __slots__ = ("names", "sql")
+    __slots__ = ("names", "read", "sql")
 
-    def __init__(self, sql: str) -> None:
+    def __init__(self, sql: str, *, read: bool = False) -> None:
+        # A read may run again when its connection turns out dead (a write may have
+        # committed before its answer was lost, so it is never rerun that way).
+        self.read = read
         names: list[str] = []
 
         def number(match: re.Match[str]) -> str:
@@ -125,15 +133,16 @@ class Batcher:
             self._drainer = None
 
     async def _send(self, engine: AsyncEngine, batch: list[_Waiting]) -> None:
+        if len(batch) == 1:
+            await self._alone(engine, *batch[0])
+            return
         sql = self._statement.sql
         try:
             async with raw_connection(engine) as conn:
-                if len(batch) == 1:
-                    rows = [await conn.fetchrow(sql, *batch[0][0])]
-                else:
-                    rows = await conn.fetchmany(sql, [args for args, _ in batch])
+                rows = await conn.fetchmany(sql, [args for args, _ in batch])
         except BaseException as exc:
-            if isinstance(exc, Exception) and len(batch) > 1 and _rolled_back(exc):
+            rerun = _rolled_back(exc) or (self._statement.read and _connection_lost(exc))
+            if isinstance(exc, Exception) and rerun:
                 await asyncio.gather(*(self._alone(engine, args, future) for args, future in batch))
                 return
             for _, future in batch:
@@ -152,11 +161,21 @@ class Batcher:
     async def _alone(
         self, engine: AsyncEngine, args: list[Any], future: asyncio.Future[Any]
     ) -> None:
+        sql = self._statement.sql
+
+        async def fetch(conn: asyncpg.Connection) -> Any:
+            return await conn.fetchrow(sql, *args)
+
         try:
-            async with raw_connection(engine) as conn:
-                row = await conn.fetchrow(self._statement.sql, *args)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            if self._statement.read:
+                row = await read_on_live_connection(engine, fetch)
+            else:
+                async with raw_connection(engine) as conn:
+                    row = await fetch(conn)
+        except BaseException as exc:
             _settle(future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
         else:
             _settle(future, row)
 
@@ -168,6 +187,10 @@ def _rolled_back(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.DataError):
         return True
     return isinstance(exc, asyncpg.PostgresError) and not database_unavailable(exc)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, (*CONNECTION_LOST, asyncpg.InternalClientError))
 
 
 def _settle(

@@ -26,16 +26,20 @@ ENDPOINT_COLUMNS = (
 )
 SECRET_COLUMNS = ("secret", "previous_secret", "previous_secret_expires_at")
 
-# The job an event is about, with everything its status document needs.
-EVENT_JOB = Statement(STATUS_QUERY)
+# The job an event is about, with everything its status document needs; one row always
+# (all null when the job is gone), so that concurrent reads can be sent together.
+EVENT_JOB = Statement(
+    f"SELECT q.* FROM (SELECT 1) AS one LEFT JOIN ({STATUS_QUERY}) AS q ON true", read=True
+)
 
 # Stores a delivery once per event. The endpoint row is created if missing, else
 # share-locked, so a concurrent disable is ordered before or after this, never in between.
 # A progress event older than another delivery of its job is stored as skipped; a new
 # delivery skips the unsent progress deliveries before it. With ``:send_now``, a delivery
 # that nothing of its job and endpoint waits before is stored already claimed for its
-# first attempt (as ``CLAIM`` would), with the secrets to sign it. No row comes back when
-# a concurrent handler stored the event first (it is not in this statement's snapshot).
+# first attempt (as ``CLAIM`` would), with the secrets to sign it. Its one row is all
+# null when a concurrent handler stored the event first (it is not in this statement's
+# snapshot); one row always, so that concurrent stores can be sent together.
 CREATE = Statement(f"""
 WITH existing AS (
     SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = :id
@@ -79,11 +83,13 @@ WITH existing AS (
         AND event_type = 'job.progress' AND status IN ('pending', 'held')
         AND occurred_at <= :occurred_at AND id <> :id FOR UPDATE SKIP LOCKED)
     AND EXISTS (SELECT 1 FROM inserted)
+), answer AS (
+    SELECT i.*, true AS created, {", ".join(f"e.{name}" for name in SECRET_COLUMNS)}
+    FROM inserted i LEFT JOIN endpoint e ON true
+    UNION ALL
+    SELECT *, false AS created, NULL, NULL, NULL FROM existing
 )
-SELECT i.*, true AS created, {", ".join(f"e.{name}" for name in SECRET_COLUMNS)}
-FROM inserted i LEFT JOIN endpoint e ON true
-UNION ALL
-SELECT *, false AS created, NULL, NULL, NULL FROM existing""")
+SELECT a.* FROM (SELECT 1) AS one LEFT JOIN answer a ON true""")
 
 # Claims due deliveries for one attempt each, for a lease (see ``claim_due``), and reads
 # the secrets their endpoints sign with. When it claims nothing, its one row (delivery

@@ -20,13 +20,12 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import webhook_sql as sql
 from core.db.jobs import JobRecord
-from core.db.raw import raw_connection, read_on_live_connection
+from core.db.raw import raw_connection
 from core.db.webhook_records import (
     EXCERPT_LIMIT,
     FAILED,
@@ -97,12 +96,8 @@ class DeliveryRepository:
 
     async def event_job(self, job_id: UUID) -> EventJob | None:
         """The job an event is about (whatever its tenant), or None if it is gone."""
-
-        async def fetch(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(sql.EVENT_JOB.sql, *sql.EVENT_JOB.args(id=job_id))
-
-        row = await read_on_live_connection(self.engine, fetch)
-        if row is None:
+        row = await sql.EVENT_JOB.fetchrow_batched(self.engine, id=job_id)
+        if row["id"] is None:
             return None
         fields = dict(row)
         updates, runs = fields.pop("updates"), fields.pop("runs")
@@ -130,27 +125,25 @@ class DeliveryRepository:
         self, new: NewDelivery, *, send_now: bool, lease_seconds: float
     ) -> tuple[WebhookDelivery, bool, ClaimedDelivery | None]:
         delivery_id = delivery_id_for(new.event_id)
-        statement = sql.CREATE
-        async with raw_connection(self.engine) as conn:
-            row = await conn.fetchrow(
-                statement.sql,
-                *statement.args(
-                    id=delivery_id,
-                    job_id=new.job_id,
-                    tenant=new.tenant,
-                    event_id=new.event_id,
-                    event_type=new.event_type,
-                    url=new.url,
-                    payload=new.payload,
-                    occurred_at=new.occurred_at,
-                    send_now=send_now,
-                    lease=float(lease_seconds),
-                ),
-            )
-            if row is None:  # a concurrent handler stored it first
-                row = await conn.fetchrow(_GET_DELIVERY, delivery_id)
-                assert row is not None
-                return _delivery(row), False, None
+        # Sent together with concurrent stores: under load many events arrive at once.
+        row = await sql.CREATE.fetchrow_batched(
+            self.engine,
+            id=delivery_id,
+            job_id=new.job_id,
+            tenant=new.tenant,
+            event_id=new.event_id,
+            event_type=new.event_type,
+            url=new.url,
+            payload=new.payload,
+            occurred_at=new.occurred_at,
+            send_now=send_now,
+            lease=float(lease_seconds),
+        )
+        if row["id"] is None:  # a concurrent handler stored it first
+            async with raw_connection(self.engine) as conn:
+                stored = await conn.fetchrow(_GET_DELIVERY, delivery_id)
+            assert stored is not None
+            return _delivery(stored), False, None
         fields = dict(row)
         created = fields.pop("created")
         secrets = {name: fields.pop(name) for name in sql.SECRET_COLUMNS}

@@ -30,6 +30,13 @@ WITH gate AS (
 SELECT (SELECT n FROM ins) AS n, txid_current() AS tx,
     CASE WHEN :kill::boolean THEN pg_terminate_backend(pg_backend_pid()) END AS killed""")
 
+# The same gate for a read, which is run again alone when its batch's connection is lost.
+READ = Statement(
+    "SELECT :n::int AS n, (SELECT hits FROM batch_gate FOR SHARE) AS hits,"
+    " CASE WHEN :kill::boolean THEN pg_terminate_backend(pg_backend_pid()) END AS killed",
+    read=True,
+)
+
 
 @pytest.fixture
 async def probe(engine: AsyncEngine) -> Batcher:
@@ -173,3 +180,15 @@ async def test_a_cancelled_caller_does_not_fail_the_others(
     assert results[2]["n"] == 3
     # The cancelled caller's execution was already queued with the others: it still ran.
     assert await stored(engine) == {1, 2, 3}
+
+
+async def test_a_read_batch_that_lost_its_connection_is_run_again_one_by_one(
+    engine: AsyncEngine, probe: Batcher
+) -> None:
+    reads = batcher(READ, engine)
+    head, rest = await run_behind_a_blocked_batch(
+        reads, engine, 1, [{"n": 2, "kill": False}, {"n": 3, "kill": True}]
+    )
+    assert head["n"] == 1
+    assert rest[0]["n"] == 2, "the read beside the one that ended its backend is answered"
+    assert isinstance(rest[1], CONNECTION_LOST), "ending its backend every time, it fails"
