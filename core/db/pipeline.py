@@ -289,8 +289,8 @@ class PipelineStore:
 
     async def report_progress(self, claim: Claim, percentage: float, details: str) -> None:
         """Move progress within a stage and extend the run's lease."""
-        statement = sql.PROGRESS
-        await statement.execute(
+        # Sent together with concurrent reports: slow LLM calls end in waves.
+        await sql.PROGRESS.execute_batched(
             self.engine,
             job=claim.job_id,
             generation=claim.generation,

@@ -62,7 +62,12 @@ class Statement:
     async def fetchrow_batched(self, engine: AsyncEngine, **values: Any) -> Any:
         """As ``fetchrow``, sent together with concurrent callers' executions of this
         statement (``Batcher``): for single statements that return one row."""
-        return await batcher(self, engine).fetchrow(engine, **values)
+        return await batcher(self, engine).run(engine, **values)
+
+    async def execute_batched(self, engine: AsyncEngine, **values: Any) -> None:
+        """As ``execute``, sent together with concurrent callers' executions of this
+        statement (``Batcher``)."""
+        await batcher(self, engine, rows=False).run(engine, **values)
 
     async def execute(self, engine: AsyncEngine, **values: Any) -> None:
         """Run on a hot-pool connection of ``engine`` (autocommit) for its effect."""
@@ -86,7 +91,8 @@ class Batcher:
     transaction (asyncpg's ``fetchmany``: one Sync, one commit). Under load that saves
     the per-statement protocol and commit work of both sides.
 
-    Each execution must be a single statement returning exactly one row, and safe to run
+    Each execution must be a single statement returning exactly one row (unless run for
+    its effect only, ``rows=False``: asyncpg's ``executemany``), and safe to run
     in one transaction with other callers' executions (the pipeline's hand-offs lock only
     their own job's rows; should two batches still deadlock, the server rejects one).
     When the server rejects a batch (one execution's constraint violation, a deadlock
@@ -95,10 +101,11 @@ class Batcher:
     the batch committed is unknown: every caller gets the error, as each would alone.
     """
 
-    __slots__ = ("_drainer", "_pending", "_statement")
+    __slots__ = ("_drainer", "_pending", "_rows", "_statement")
 
-    def __init__(self, statement: Statement) -> None:
+    def __init__(self, statement: Statement, *, rows: bool = True) -> None:
         self._statement = statement
+        self._rows = rows  # whether each execution's one row is wanted (else run for effect)
         self._pending: list[_Waiting] = []
         self._drainer: asyncio.Task[None] | None = None  # the task sending batches, if any
 
@@ -107,9 +114,9 @@ class Batcher:
         """Executions waiting for the batch in flight to finish."""
         return len(self._pending)
 
-    async def fetchrow(self, engine: AsyncEngine, **values: Any) -> Any:
+    async def run(self, engine: AsyncEngine, **values: Any) -> Any:
         """Run the statement with ``values`` on ``engine``'s hot pool (alone or with
-        others); its one row."""
+        others); its one row, or None when rows are not wanted."""
         args = self._statement.args(**values)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
@@ -139,7 +146,11 @@ class Batcher:
         sql = self._statement.sql
         try:
             async with raw_connection(engine) as conn:
-                rows = await conn.fetchmany(sql, [args for args, _ in batch])
+                if self._rows:
+                    rows = await conn.fetchmany(sql, [args for args, _ in batch])
+                else:
+                    await conn.executemany(sql, [args for args, _ in batch])
+                    rows = [None] * len(batch)
         except BaseException as exc:
             rerun = _rolled_back(exc) or (self._statement.read and _connection_lost(exc))
             if isinstance(exc, Exception) and rerun:
@@ -164,7 +175,10 @@ class Batcher:
         sql = self._statement.sql
 
         async def fetch(conn: asyncpg.Connection) -> Any:
-            return await conn.fetchrow(sql, *args)
+            if self._rows:
+                return await conn.fetchrow(sql, *args)
+            await conn.execute(sql, *args)
+            return None
 
         try:
             if self._statement.read:
@@ -204,14 +218,16 @@ def _settle(
         future.set_result(row)
 
 
-_batchers: weakref.WeakKeyDictionary[Any, dict[Statement, Batcher]] = weakref.WeakKeyDictionary()
+_batchers: weakref.WeakKeyDictionary[Any, dict[tuple[Statement, bool], Batcher]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def batcher(statement: Statement, engine: AsyncEngine) -> Batcher:
+def batcher(statement: Statement, engine: AsyncEngine, *, rows: bool = True) -> Batcher:
     """The ``Batcher`` of ``statement`` for ``engine``'s database (one per pair; pass the
-    engine to its ``fetchrow``)."""
+    engine to its ``run``), returning each execution's row or (``rows=False``) nothing."""
     per_engine = _batchers.setdefault(engine.sync_engine, {})
-    found = per_engine.get(statement)
+    found = per_engine.get((statement, rows))
     if found is None:
-        found = per_engine[statement] = Batcher(statement)
+        found = per_engine[statement, rows] = Batcher(statement, rows=rows)
     return found

@@ -37,6 +37,14 @@ READ = Statement(
     read=True,
 )
 
+# The same gate for a statement run for its effect only (``executemany`` in a batch).
+EFFECT = Statement("""
+WITH gate AS (
+    UPDATE batch_gate SET hits = hits + 1 RETURNING hits
+)
+INSERT INTO batch_probe (n, tx) SELECT :n, txid_current() FROM gate
+WHERE NOT :kill::boolean OR pg_terminate_backend(pg_backend_pid()) IS NULL""")
+
 
 @pytest.fixture
 async def probe(engine: AsyncEngine) -> Batcher:
@@ -44,7 +52,7 @@ async def probe(engine: AsyncEngine) -> Batcher:
         await conn.execute(
             "CREATE TABLE batch_gate (hits int NOT NULL);"
             " INSERT INTO batch_gate VALUES (0);"
-            " CREATE TABLE batch_probe (n int PRIMARY KEY)"
+            " CREATE TABLE batch_probe (n int PRIMARY KEY, tx bigint)"
         )
     return batcher(PROBE, engine)
 
@@ -68,13 +76,13 @@ async def run_behind_a_blocked_batch(
     """Execution ``first`` sent alone and blocked on the gate, ``then`` arriving behind it;
     the gate opened once all wait. Each result is the row or the exception raised."""
     async with gate_held(engine):
-        head = asyncio.create_task(probe.fetchrow(engine, n=first, kill=False))
+        head = asyncio.create_task(probe.run(engine, n=first, kill=False))
 
         async def head_sent() -> bool:
             return probe.waiting == 0  # the drain took it
 
         await wait_for(head_sent, timeout=10, message="the first batch to be taken")
-        rest = [asyncio.create_task(probe.fetchrow(engine, **values)) for values in then]
+        rest = [asyncio.create_task(probe.run(engine, **values)) for values in then]
 
         async def all_waiting() -> bool:
             return probe.waiting == len(then)
@@ -106,8 +114,8 @@ async def test_executions_arriving_during_a_batch_go_together_in_one_transaction
 
 
 async def test_an_execution_alone_runs_at_once(engine: AsyncEngine, probe: Batcher) -> None:
-    first = await asyncio.wait_for(probe.fetchrow(engine, n=1, kill=False), 10)
-    second = await asyncio.wait_for(probe.fetchrow(engine, n=2, kill=False), 10)
+    first = await asyncio.wait_for(probe.run(engine, n=1, kill=False), 10)
+    second = await asyncio.wait_for(probe.run(engine, n=2, kill=False), 10)
     assert (first["n"], second["n"]) == (1, 2)
     assert first["tx"] != second["tx"]
 
@@ -150,7 +158,7 @@ async def test_a_connection_lost_mid_batch_fails_every_caller_and_reruns_nothing
     for result in rest:
         assert isinstance(result, CONNECTION_LOST), repr(result)
     assert await stored(engine) == {1}
-    after = await asyncio.wait_for(probe.fetchrow(engine, n=4, kill=False), 10)
+    after = await asyncio.wait_for(probe.run(engine, n=4, kill=False), 10)
     assert after["n"] == 4
 
 
@@ -158,14 +166,14 @@ async def test_a_cancelled_caller_does_not_fail_the_others(
     engine: AsyncEngine, probe: Batcher
 ) -> None:
     async with gate_held(engine):
-        head = asyncio.create_task(probe.fetchrow(engine, n=1, kill=False))
+        head = asyncio.create_task(probe.run(engine, n=1, kill=False))
 
         async def head_sent() -> bool:
             return probe.waiting == 0
 
         await wait_for(head_sent, timeout=10, message="the first batch to be taken")
-        quitter = asyncio.create_task(probe.fetchrow(engine, n=2, kill=False))
-        stayer = asyncio.create_task(probe.fetchrow(engine, n=3, kill=False))
+        quitter = asyncio.create_task(probe.run(engine, n=2, kill=False))
+        stayer = asyncio.create_task(probe.run(engine, n=3, kill=False))
 
         async def both_waiting() -> bool:
             return probe.waiting == 2
@@ -192,3 +200,30 @@ async def test_a_read_batch_that_lost_its_connection_is_run_again_one_by_one(
     assert head["n"] == 1
     assert rest[0]["n"] == 2, "the read beside the one that ended its backend is answered"
     assert isinstance(rest[1], CONNECTION_LOST), "ending its backend every time, it fails"
+
+
+async def test_statements_run_for_their_effect_go_together_too(
+    engine: AsyncEngine, probe: Batcher
+) -> None:
+    effects = batcher(EFFECT, engine, rows=False)
+    head, rest = await run_behind_a_blocked_batch(
+        effects, engine, 1, [{"n": n, "kill": False} for n in (2, 3, 4)]
+    )
+    assert head is None and rest == [None, None, None]
+    async with raw_connection(engine) as conn:
+        rows = await asyncio.wait_for(conn.fetch("SELECT n, tx FROM batch_probe ORDER BY n"), 5)
+    tx = {row["n"]: row["tx"] for row in rows}
+    assert sorted(tx) == [1, 2, 3, 4]
+    assert tx[2] == tx[3] == tx[4] != tx[1]
+
+
+async def test_a_rejected_batch_of_effects_is_run_again_one_by_one(
+    engine: AsyncEngine, probe: Batcher
+) -> None:
+    effects = batcher(EFFECT, engine, rows=False)
+    head, rest = await run_behind_a_blocked_batch(
+        effects, engine, 1, [{"n": n, "kill": False} for n in (2, 1, 3)]
+    )
+    assert head is None and rest[0] is None and rest[2] is None
+    assert isinstance(rest[1], asyncpg.UniqueViolationError)
+    assert await stored(engine) == {1, 2, 3}

@@ -44,6 +44,41 @@ async def test_a_failed_attempt_keeps_the_tokens_it_spent(engine: AsyncEngine) -
     assert (row.prompt_tokens, row.completion_tokens, row.cost) == (120, 30, 0.002)
 
 
+async def test_progress_reports_of_several_jobs_at_once_are_all_stored(
+    engine: AsyncEngine,
+) -> None:
+    # Concurrent reports go to the database together (one batch); each job gets its own
+    # progress and event, and a report for a job that moved on changes nothing.
+    store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
+    jobs = JobRepository(engine)
+    claims = []
+    for n in range(4):
+        job = await jobs.create(BlogRequest(topic=f"Topic {n}", keywords=["k"]))
+        assert await store.start_job(job.id) == "started"
+        claim = await store.claim(StageMessage(job.id, "research", job.generation))
+        assert isinstance(claim, Claim)
+        claims.append(claim)
+    stale = Claim(**{**claims[3].__dict__, "generation": claims[3].generation + 1})
+    reports = [
+        store.report_progress(claim, 10.0 + n, f"working on {n}")
+        for n, claim in enumerate([*claims[:3], stale])
+    ]
+    await asyncio.wait_for(asyncio.gather(*reports), 10)
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT j.id, j.progress_percentage, e.details FROM jobs j"
+                    " LEFT JOIN job_events e ON e.job_id = j.id AND e.status = 'in_progress'"
+                )
+            )
+        ).all()
+    found = {row.id: (row.progress_percentage, row.details) for row in rows}
+    for n, claim in enumerate(claims[:3]):
+        assert found[claim.job_id] == (10.0 + n, f"working on {n}")
+    assert found[claims[3].job_id][1] is None  # the stale report wrote no event
+
+
 async def test_start_job_is_idempotent(engine: AsyncEngine) -> None:
     broker = PostgresBroker(engine)
     await broker.ensure_subscription(SubscriptionSpec("blog-research-worker", "blog-research"))
