@@ -88,7 +88,7 @@ def serve_forever(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-GC_YOUNG_THRESHOLD = 20_000
+GC_YOUNG_THRESHOLD = 100_000
 
 
 def settle_garbage_collector() -> None:
@@ -96,8 +96,12 @@ def settle_garbage_collector() -> None:
     out of the collector's sight, and collect the young generation less often.
 
     Every job allocates many short-lived containers (parsed JSON, records, Markdown
-    pieces) that reference counting frees; with the default threshold of 700 the cycle
-    collector still walks the survivors hundreds of times per second under load.
+    pieces) that reference counting frees, and holds some across its LLM calls; the
+    cycle collector walks every young survivor, finds no cycles among them (none in
+    2,000 jobs in flight, counted with ``gc.callbacks``) and promotes them. With 2,000 jobs
+    in flight a young collection every 20,000 net allocations took 9-10% of the
+    process's CPU; every 100,000 it takes about 4%, in three or four pauses of 0.1-0.2 s
+    per 2,000 jobs (a higher threshold saves nothing more: each pause grows with it).
     """
     gc.collect()
     gc.freeze()
