@@ -27,21 +27,37 @@ def build_payload(
 ) -> dict[str, Any]:
     """The payload for a job event; a result that would push it past ``limit`` bytes is
     replaced by ``result_url`` (and, if still too big, the progress history is dropped)."""
+    return payload_and_body(
+        event_type, occurred_at, document, public_base_url=public_base_url, limit=limit
+    )[0]
+
+
+def payload_and_body(
+    event_type: str,
+    occurred_at: datetime,
+    document: dict[str, Any],
+    *,
+    public_base_url: str | None,
+    limit: int = MAX_PAYLOAD_BYTES,
+) -> tuple[dict[str, Any], str]:
+    """``build_payload`` and its ``encode_body``: a payload that fits is encoded once, for
+    the size check, the store and the first attempt."""
     data = dict(document)
     payload = {"type": event_type, "timestamp": iso_utc(occurred_at), "data": data}
-    if _size(payload) <= limit:
-        return payload
+    body = orjson.dumps(payload)  # already in encode_body's order
+    if len(body) <= limit:
+        return payload, body.decode()
     data["result"] = None
     data["result_omitted"] = True
     data["result_url"] = job_url(public_base_url, data.get("job_id", ""))
     if _size(payload) <= limit:
-        return payload
+        return payload, encode_body(payload)
     for key in ("progress_updates", "stages", "metadata"):
         data[key] = None
     if isinstance(data.get("error_message"), str):
         data["error_message"] = data["error_message"][:_ERROR_LIMIT]
     data["error"] = None if _size(payload) > limit else data.get("error")
-    return payload
+    return payload, encode_body(payload)
 
 
 def ping_payload(now: datetime | None = None) -> dict[str, Any]:

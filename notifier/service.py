@@ -42,7 +42,7 @@ from core.requests import DEFAULT_CALLBACK_EVENTS
 from core.settings import Settings
 from core.ssrf import AsyncResolver
 from notifier.http1 import Http1Client
-from notifier.payload import build_payload, encode_body
+from notifier.payload import encode_body, payload_and_body
 from notifier.retry import GONE, RETRY_AFTER_STATUSES, RetryPolicy
 from notifier.sender import SendResult, WebhookSender, guard_options, new_http_client
 from notifier.signing import Signer
@@ -198,7 +198,7 @@ class Notifier:
         if job.status not in FINISHED_STATUSES:
             estimate = await self.jobs.estimated_seconds()
         document = found.document(estimate)
-        payload = build_payload(
+        payload, body = payload_and_body(
             event.type, event.occurred_at, document, public_base_url=self.settings.public_base_url
         )
         new = NewDelivery(
@@ -209,6 +209,7 @@ class Notifier:
             url=job.callback_url,
             payload=payload,
             occurred_at=event.occurred_at,
+            body=body,
         )
         claimed = None
         # At most ``batch_size`` first attempts in flight, as a sweep would: past that, the
@@ -308,7 +309,7 @@ class Notifier:
         delivery = claimed.delivery
         try:
             signer = self._signer_for(claimed.secrets)
-            body = encode_body(delivery.payload)
+            body = claimed.body if claimed.body is not None else encode_body(delivery.payload)
             headers = signer.headers(delivery.message_id, body)
             result = await self.sender.post(delivery.url, body, headers)
         except asyncio.CancelledError:

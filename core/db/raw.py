@@ -36,7 +36,16 @@ _pools: weakref.WeakKeyDictionary[Any, asyncpg.Pool] = weakref.WeakKeyDictionary
 _locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
+class JsonText(str):
+    """JSON already encoded: the json and jsonb codecs send it as it is, so a caller that
+    encoded a large document for another use (a webhook body) does not encode it twice."""
+
+    __slots__ = ()
+
+
 def _dumps(value: Any) -> str:
+    if type(value) is JsonText:
+        return value
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 

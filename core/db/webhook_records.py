@@ -163,6 +163,8 @@ class ClaimedDelivery:
 
     delivery: WebhookDelivery
     secrets: EndpointSecrets | None
+    body: str | None = None
+    """The body to send when the caller already encoded it (``NewDelivery.body``)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,9 @@ class NewDelivery:
     url: str
     payload: dict[str, Any]
     occurred_at: datetime
+    body: str | None = None
+    """``payload`` encoded as it is sent (``notifier.payload.encode_body``), when the caller
+    has it: stored as it is and sent on the first attempt without encoding it again."""
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -25,6 +25,9 @@ ENDPOINT_COLUMNS = (
     " secret, previous_secret, previous_secret_expires_at"
 )
 SECRET_COLUMNS = ("secret", "previous_secret", "previous_secret_expires_at")
+# A new delivery's payload is the one its caller passed in: not read back.
+_INSERTED_COLUMNS = DELIVERY_COLUMNS.replace(" payload,", " NULL::jsonb AS payload,")
+assert _INSERTED_COLUMNS != DELIVERY_COLUMNS
 
 # The job an event is about, with everything its status document needs; one row always
 # (all null when the job is gone), so that concurrent reads can be sent together.
@@ -39,7 +42,8 @@ EVENT_JOB = Statement(
 # that nothing of its job and endpoint waits before is stored already claimed for its
 # first attempt (as ``CLAIM`` would), with the secrets to sign it. Its one row is all
 # null when a concurrent handler stored the event first (it is not in this statement's
-# snapshot); one row always, so that concurrent stores can be sent together.
+# snapshot); one row always, so that concurrent stores can be sent together. A delivery it
+# stores comes back with a null payload (the caller has it); an existing one with its own.
 CREATE = Statement(f"""
 WITH existing AS (
     SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = :id
@@ -75,7 +79,7 @@ WITH existing AS (
     -- No conflict target: the id and the event id are both unique, and a concurrent
     -- insert of the same event may hit either first.
     ON CONFLICT DO NOTHING
-    RETURNING {DELIVERY_COLUMNS}
+    RETURNING {_INSERTED_COLUMNS}
 ), superseded AS (
     UPDATE webhook_deliveries SET status = 'skipped', next_attempt_at = NULL,
         last_error = 'superseded by a later event', updated_at = now()

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import webhook_sql as sql
 from core.db.jobs import JobRecord
-from core.db.raw import raw_connection
+from core.db.raw import JsonText, raw_connection
 from core.db.webhook_records import (
     EXCERPT_LIMIT,
     FAILED,
@@ -134,7 +134,7 @@ class DeliveryRepository:
             event_id=new.event_id,
             event_type=new.event_type,
             url=new.url,
-            payload=new.payload,
+            payload=new.payload if new.body is None else JsonText(new.body),
             occurred_at=new.occurred_at,
             send_now=send_now,
             lease=float(lease_seconds),
@@ -147,11 +147,15 @@ class DeliveryRepository:
         fields = dict(row)
         created = fields.pop("created")
         secrets = {name: fields.pop(name) for name in sql.SECRET_COLUMNS}
+        if created:
+            fields["payload"] = new.payload  # what was stored; not read back
         delivery = WebhookDelivery(**fields)
         if not created or delivery.status != SENDING:  # an existing one is someone else's
             return delivery, created, None
         has_row = any(value is not None for value in secrets.values())
-        claimed = ClaimedDelivery(delivery, EndpointSecrets(**secrets) if has_row else None)
+        claimed = ClaimedDelivery(
+            delivery, EndpointSecrets(**secrets) if has_row else None, new.body
+        )
         return delivery, created, claimed
 
     async def claim_due(self, *, limit: int, lease_seconds: float) -> list[WebhookDelivery]:

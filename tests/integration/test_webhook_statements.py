@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.jobs import JobRepository
@@ -153,3 +155,33 @@ async def test_a_claimed_store_signs_with_the_endpoints_secret_and_respects_a_di
         repo.create_claimed(await new_delivery(engine), lease_seconds=30), TIMEOUT
     )
     assert created and none is None and held.status == "held" and held.attempt_count == 0
+
+
+async def test_a_body_encoded_by_the_caller_is_stored_as_the_payload_and_sent_first(
+    engine: AsyncEngine,
+) -> None:
+    repo = DeliveryRepository(engine)
+    plain = await new_delivery(engine)
+    payload = {"type": "job.completed", "data": {"title": "Tea \u2615", "n": [1, 2.5, None]}}
+    body = orjson.dumps(payload).decode()
+    new = dataclasses.replace(plain, payload=payload, body=body)
+    stored, created, claimed = await asyncio.wait_for(
+        repo.create_claimed(new, lease_seconds=30), TIMEOUT
+    )
+    assert created and claimed is not None and claimed.body == body
+    assert stored.payload == payload  # the caller's, not read back
+    reread = await asyncio.wait_for(repo.get(stored.id), TIMEOUT)
+    assert reread is not None and reread.payload == payload  # stored as JSON, not a string
+    # The same event again: the stored delivery, its payload read back, nothing to send.
+    again, created, claimed = await asyncio.wait_for(
+        repo.create_claimed(new, lease_seconds=30), TIMEOUT
+    )
+    assert not created and claimed is None and again.id == stored.id
+    assert again.payload == payload
+    # Without a body the payload is encoded by the codec, and a claim has no body.
+    other = await new_delivery(engine)
+    _, created, claimed = await asyncio.wait_for(
+        repo.create_claimed(other, lease_seconds=30), TIMEOUT
+    )
+    assert created and claimed is not None and claimed.body is None
+    assert claimed.delivery.payload == {"n": 1}

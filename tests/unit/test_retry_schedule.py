@@ -9,8 +9,15 @@ from email.utils import format_datetime
 import orjson
 import pytest
 
+from core.db.raw import JsonText, _dumps
 from core.settings import DEFAULT_WEBHOOK_RETRY_SCHEDULE
-from notifier.payload import MAX_PAYLOAD_BYTES, build_payload, encode_body, iso_utc
+from notifier.payload import (
+    MAX_PAYLOAD_BYTES,
+    build_payload,
+    encode_body,
+    iso_utc,
+    payload_and_body,
+)
 from notifier.retry import RetryPolicy, is_success, parse_retry_after
 
 
@@ -133,3 +140,19 @@ def test_iso_utc_converts() -> None:
         iso_utc(datetime(2026, 1, 1, 14, tzinfo=timezone(timedelta(hours=2))))
         == "2026-01-01T12:00:00Z"
     )
+
+
+@pytest.mark.parametrize("content", ["short", "x" * 50_000])
+def test_the_body_is_the_payload_encoded_as_sent(content: str) -> None:
+    document = {"job_id": "j1", "status": "completed", "result": {"content": content}}
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    payload, body = payload_and_body("job.completed", at, document, public_base_url=None)
+    assert body == encode_body(payload)
+    assert payload == build_payload("job.completed", at, document, public_base_url=None)
+    assert len(body.encode()) <= MAX_PAYLOAD_BYTES
+
+
+def test_json_text_goes_to_the_database_as_it_is() -> None:
+    assert _dumps(JsonText('{"a": [1, 2]}')) == '{"a": [1, 2]}'
+    assert _dumps('{"a": 1}') == '"{\\"a\\": 1}"'  # a plain string is a JSON string
+    assert _dumps({"a": 1}) == '{"a":1}'
