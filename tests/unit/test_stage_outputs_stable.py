@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import textstat
 from textstat.backend.selections import list_words
+from textstat.backend.utils import get_cmudict
 
 from core.constants import STAGES
 from core.llm import LLMRequest, LLMResponse, TextCallback
@@ -33,7 +34,7 @@ from core.settings import Settings
 from stages.base import StageInput
 from stages.markdown_doc import plain_text
 from stages.models import SeoCopy
-from stages.reading_ease import flesch_reading_ease, lower_words
+from stages.reading_ease import LANG, cmu_syllables, flesch_reading_ease, lower_words
 from stages.registry import get_stage
 from stages.result import build_result
 
@@ -501,3 +502,19 @@ if __name__ == "__main__":
         json.dumps(recorded, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     print(f"wrote {len(recorded)} cases to {DATA}")
+
+
+def test_the_syllable_table_is_textstats_dictionary_for_every_word() -> None:
+    """``cmu_syllables`` against ``get_cmudict(LANG)[word][0]``, textstat's own lookup,
+    for all 126,052 words (alternate pronunciations, comments and all)."""
+    dictionary = get_cmudict(LANG)
+    assert dictionary is not None
+    table = cmu_syllables()
+    assert table.keys() == dictionary.keys()
+    differing = [
+        word
+        for word, pronunciations in dictionary.items()
+        if table[word] != sum(1 for phone in pronunciations[0] if phone[-1].isdigit())
+    ]
+    assert differing == []
+    assert table["tomato"] == 3 and table["read"] == 1 and "xyzzyq" not in table
