@@ -99,8 +99,8 @@ def settle_garbage_collector() -> None:
     pieces) that reference counting frees, and holds some across its LLM calls; the
     cycle collector walks every young survivor, finds no cycles among them (none in
     2,000 jobs in flight, counted with ``gc.callbacks``) and promotes them. With 2,000 jobs
-    in flight a young collection every 20,000 net allocations took 9-10% of the
-    process's CPU; every 100,000 it takes about 4%, in three or four pauses of 0.1-0.2 s
+    in flight a young collection every 20,000 net allocations took about 10% of the
+    process's CPU; every 100,000 it takes about 5%, in three or four pauses of 0.1-0.2 s
     per 2,000 jobs (a higher threshold saves nothing more: each pause grows with it).
     """
     gc.collect()

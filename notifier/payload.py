@@ -24,24 +24,11 @@ def build_payload(
     *,
     public_base_url: str | None,
     limit: int = MAX_PAYLOAD_BYTES,
-) -> dict[str, Any]:
-    """The payload for a job event; a result that would push it past ``limit`` bytes is
-    replaced by ``result_url`` (and, if still too big, the progress history is dropped)."""
-    return payload_and_body(
-        event_type, occurred_at, document, public_base_url=public_base_url, limit=limit
-    )[0]
-
-
-def payload_and_body(
-    event_type: str,
-    occurred_at: datetime,
-    document: dict[str, Any],
-    *,
-    public_base_url: str | None,
-    limit: int = MAX_PAYLOAD_BYTES,
 ) -> tuple[dict[str, Any], str]:
-    """``build_payload`` and its ``encode_body``: a payload that fits is encoded once, for
-    the size check, the store and the first attempt."""
+    """The payload for a job event and its body (``encode_body`` of it); a result that
+    would push it past ``limit`` bytes is replaced by ``result_url`` (and, if still too
+    big, the progress history is dropped). A payload that fits is encoded once, for the
+    size check, the store and the first attempt."""
     data = dict(document)
     payload = {"type": event_type, "timestamp": iso_utc(occurred_at), "data": data}
     body = orjson.dumps(payload)  # already in encode_body's order

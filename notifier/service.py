@@ -42,7 +42,7 @@ from core.requests import DEFAULT_CALLBACK_EVENTS
 from core.settings import Settings
 from core.ssrf import AsyncResolver
 from notifier.http1 import Http1Client
-from notifier.payload import encode_body, payload_and_body
+from notifier.payload import build_payload, encode_body
 from notifier.retry import GONE, RETRY_AFTER_STATUSES, RetryPolicy
 from notifier.sender import SendResult, WebhookSender, guard_options, new_http_client
 from notifier.signing import Signer
@@ -198,7 +198,7 @@ class Notifier:
         if job.status not in FINISHED_STATUSES:
             estimate = await self.jobs.estimated_seconds()
         document = found.document(estimate)
-        payload, body = payload_and_body(
+        payload, body = build_payload(
             event.type, event.occurred_at, document, public_base_url=self.settings.public_base_url
         )
         new = NewDelivery(

@@ -16,7 +16,6 @@ from notifier.payload import (
     build_payload,
     encode_body,
     iso_utc,
-    payload_and_body,
 )
 from notifier.retry import RetryPolicy, is_success, parse_retry_after
 
@@ -92,7 +91,7 @@ def test_success_is_2xx_only(code: int | None, ok: bool) -> None:
 
 def test_small_payloads_are_inlined() -> None:
     document = {"job_id": "j1", "status": "completed", "result": {"content": "short"}}
-    payload = build_payload(
+    payload, _ = build_payload(
         "job.completed", datetime(2026, 1, 1, 12, tzinfo=UTC), document, public_base_url=None
     )
     assert payload == {
@@ -110,7 +109,7 @@ def test_large_results_are_referenced_by_url() -> None:
         "result": {"content": "x" * 50_000},
         "progress_updates": [{"details": "y" * 100}] * 10,
     }
-    payload = build_payload(
+    payload, _ = build_payload(
         "job.completed", datetime.now(UTC), document, public_base_url="https://api.example/"
     )
     assert payload["data"]["result"] is None
@@ -128,7 +127,7 @@ def test_oversized_everything_still_fits() -> None:
         "error_message": "e" * 30_000,
         "error": {"trace": "t" * 30_000},
     }
-    payload = build_payload("job.failed", datetime.now(UTC), document, public_base_url=None)
+    payload, _ = build_payload("job.failed", datetime.now(UTC), document, public_base_url=None)
     assert len(orjson.dumps(payload)) <= MAX_PAYLOAD_BYTES
     assert payload["data"]["result_url"] == "/api/v1/blog/jobs/j1"
 
@@ -146,9 +145,8 @@ def test_iso_utc_converts() -> None:
 def test_the_body_is_the_payload_encoded_as_sent(content: str) -> None:
     document = {"job_id": "j1", "status": "completed", "result": {"content": content}}
     at = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    payload, body = payload_and_body("job.completed", at, document, public_base_url=None)
+    payload, body = build_payload("job.completed", at, document, public_base_url=None)
     assert body == encode_body(payload)
-    assert payload == build_payload("job.completed", at, document, public_base_url=None)
     assert len(body.encode()) <= MAX_PAYLOAD_BYTES
 
 
