@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -35,6 +35,8 @@ _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 _BLANKS = re.compile(r"[ \t]{2,}|\t")
 """Runs of blanks that are not already a single space."""
 _MARKS = ".,;:!?"
+_SPACE_MARK = re.compile(r" ([.,;:!?])")
+"""A space before one of ``_MARKS``."""
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,20 @@ def has_list(markdown: str) -> bool:
 
 
 def _plain_text(lines: Lines) -> str:
+    return _prose_text([line for line, in_code in lines if not in_code])
+
+
+def _prose_text(lines: Iterable[str]) -> str:
+    """``_plain_text`` of the lines outside code."""
     out: list[str] = []
-    for line, in_code in lines:
-        if in_code or ("---" in line and _TABLE_SEPARATOR.match(line)):
+    for line in lines:
+        first = line[:1]
+        if not first or (first.isalpha() and "|" not in line):
+            # Most lines: blank, or prose (a heading, list item, quote or table row cannot
+            # start with a letter, nor can a table separator): nothing to strip.
+            out.append(line)
+            continue
+        if "---" in line and _TABLE_SEPARATOR.match(line):
             continue
         heading = _heading(line)
         if heading:
@@ -225,14 +238,18 @@ def _plain_text(lines: Lines) -> str:
     # Same as deleting blank runs before a mark, then making every run one space.
     if "\t" in text or "  " in text:
         text = _BLANKS.sub(" ", text)
-    for mark in _MARKS:
-        if " " + mark in text:
-            text = text.replace(" " + mark, mark)
+    # Each blank is now a single space: dropping the ones before a mark in one pass is
+    # what replacing " ." and then each other mark in turn would do (one regex search
+    # instead of a scan of the whole text per mark).
+    if _SPACE_MARK.search(text):
+        text = _SPACE_MARK.sub(r"\1", text)
     return text.strip()
 
 
 def plain_text(markdown: str) -> str:
     """Prose for counting and readability: no code, URLs, citation marks or Markdown syntax."""
+    if "```" not in markdown and "~~~" not in markdown:
+        return _prose_text(markdown.splitlines())  # no code: no need to flag each line
     return _plain_text(_content_lines(markdown))
 
 

@@ -259,3 +259,153 @@ def test_normalise_paragraph_is_the_word_runs_in_lower_case() -> None:
         assert normalise_paragraph(text) == by_definition(text), text
         ascii_text = text.encode("ascii", "ignore").decode()
         assert normalise_paragraph(ascii_text) == by_definition(ascii_text), ascii_text
+
+
+def test_plain_text_skips_only_lines_with_nothing_to_strip() -> None:
+    """``plain_text`` (lines that start with a letter and hold no ``|`` passed through;
+    no per-line code flags when there is no fence) against the line-by-line definition,
+    on random Markdown of headings, list items, quotes, tables, fences and prose."""
+    import random
+
+    from stages import markdown_doc as md
+
+    def by_definition(markdown: str) -> str:
+        out: list[str] = []
+        for line, in_code in md._content_lines(markdown):
+            if in_code or ("---" in line and md._TABLE_SEPARATOR.match(line)):
+                continue
+            heading = md._heading(line)
+            if heading:
+                out.append(heading.group(2).rstrip(".:?!") + ".")
+                continue
+            item = md._LIST_ITEM.match(line)
+            if item:
+                line = line[item.end() :]
+            line = line.lstrip("> ")
+            if "|" in line:
+                line = line.replace("|", " ")
+            out.append(line)
+        text = md.inline_text("\n".join(out))
+        text = md.CITATION.sub("", md._URL.sub("", text))
+        text = md._BLANKS.sub(" ", text)
+        for mark in md._MARKS:
+            text = text.replace(" " + mark, mark)
+        return text.strip()
+
+    starts = [
+        "",
+        " ",
+        "  ",
+        "\t",
+        "# ",
+        "## ",
+        "###",
+        "#",
+        "- ",
+        "* ",
+        "+ ",
+        "-",
+        "1. ",
+        "12) ",
+        "3.",
+        "٣. ",
+        "> ",
+        ">> ",
+        "| ",
+        "|",
+        "---",
+        " --- ",
+        ":---:",
+        "```",
+        "~~~",
+        "é",
+        "Ü ",
+        "ª",
+        "_",
+        "**",
+        "a",
+        "Word ",
+    ]
+    bodies = [
+        "tea",
+        "a | b",
+        "x---y",
+        "--- | ---",
+        "[1]",
+        " [2, 3]",
+        "http://x.y/z",
+        "www.a.b",
+        "  two  spaces",
+        "\ttab",
+        " .",
+        "*em*",
+        "`code`",
+        "[t](u)",
+        "?",
+        "",
+    ]
+    rng = random.Random(3)
+    for _ in range(20_000):
+        lines = [
+            rng.choice(starts) + "".join(rng.choice(bodies) for _ in range(rng.randint(0, 3)))
+            for _ in range(rng.randint(0, 6))
+        ]
+        markdown = "\n".join(lines)
+        expected = by_definition(markdown)
+        assert md.plain_text(markdown) == expected, markdown
+        assert md.MarkdownDoc(markdown).plain_text == expected, markdown
+
+
+def test_tidy_blanks_drops_each_blank_before_a_mark_as_replacing_them_in_turn() -> None:
+    """``_tidy_blanks`` (one regex pass for the blanks before marks) against replacing
+    each blank and mark pair in turn, on random text of words, blanks and marks."""
+    import random
+
+    from stages.citations import _BLANK_RUN, _tidy_blanks
+
+    def by_definition(text: str) -> str:
+        text = _BLANK_RUN.sub(" ", text)
+        for mark in ".,;:!?":
+            for blank in " \t":
+                text = text.replace(blank + mark, mark)
+        return text
+
+    rng = random.Random(4)
+    alphabet = ["a", "word", " ", " ", "\t", "  ", ".", ",", ";", ":", "!", "?", "\n", "[1]"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert _tidy_blanks(text) == by_definition(text), repr(text)
+
+
+def test_the_reference_heading_is_found_as_the_multiline_search_finds_it() -> None:
+    """``_reference_heading`` (tried only at lines that start with ``#``) against
+    ``_REFERENCE_HEADINGS.search`` on random Markdown of headings and prose."""
+    import random
+
+    from stages.citations import _REFERENCE_HEADINGS, _reference_heading
+
+    pieces = [
+        "## References",
+        "### sources ",
+        "# References",
+        "####  Sources",
+        "##",
+        "#",
+        "\n",
+        "\n",
+        "\n\n",
+        " ",
+        "Works Cited",
+        "bibliography",
+        "text",
+        "##\t",
+        "REFERENCES\n",
+        "x # y",
+        "\r\n",
+    ]
+    rng = random.Random(6)
+    for _ in range(20_000):
+        markdown = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        expected = _REFERENCE_HEADINGS.search(markdown)
+        found = _reference_heading(markdown)
+        assert (found and found.span()) == (expected and expected.span()), repr(markdown)
