@@ -34,9 +34,9 @@ _TAG = re.compile(r"<[^>]+>")
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 _BLANKS = re.compile(r"[ \t]{2,}|\t")
 """Runs of blanks that are not already a single space."""
-_MARKS = ".,;:!?"
-_SPACE_MARK = re.compile(r" ([.,;:!?])")
-"""A space before one of ``_MARKS``."""
+SPACE_BEFORE_MARK = re.compile(r" ([.,;:!?])")
+"""A space before a mark (``.,;:!?``); the literal space first lets a search jump from one
+space to the next."""
 
 
 @dataclass(frozen=True)
@@ -241,8 +241,8 @@ def _prose_text(lines: Iterable[str]) -> str:
     # Each blank is now a single space: dropping the ones before a mark in one pass is
     # what replacing " ." and then each other mark in turn would do (one regex search
     # instead of a scan of the whole text per mark).
-    if _SPACE_MARK.search(text):
-        text = _SPACE_MARK.sub(r"\1", text)
+    if SPACE_BEFORE_MARK.search(text):
+        text = SPACE_BEFORE_MARK.sub(r"\1", text)
     return text.strip()
 
 
