@@ -84,9 +84,14 @@ Lines = Sequence[tuple[str, bool]]
 """Lines of Markdown, each with whether it sits inside a fenced code block."""
 
 
+def _may_have_fences(markdown: str) -> bool:
+    """Whether a code fence could start anywhere (cheap: two substring tests)."""
+    return "```" in markdown or "~~~" in markdown
+
+
 def _content_lines(markdown: str) -> list[tuple[str, bool]]:
     """Each line with a flag telling whether it sits inside a fenced code block."""
-    if "```" not in markdown and "~~~" not in markdown:
+    if not _may_have_fences(markdown):
         return [(line, False) for line in markdown.splitlines()]
     lines: list[tuple[str, bool]] = []
     in_fence = False
@@ -248,7 +253,7 @@ def _prose_text(lines: Iterable[str]) -> str:
 
 def plain_text(markdown: str) -> str:
     """Prose for counting and readability: no code, URLs, citation marks or Markdown syntax."""
-    if "```" not in markdown and "~~~" not in markdown:
+    if not _may_have_fences(markdown):
         return _prose_text(markdown.splitlines())  # no code: no need to flag each line
     return _plain_text(_content_lines(markdown))
 
