@@ -81,6 +81,12 @@ _Waiting = tuple[list[Any], asyncio.Future[Any]]
 BATCH_LIMIT = 64
 """At most this many executions of one statement go to the server together."""
 
+IN_FLIGHT_LIMIT = 3
+"""At most this many batches of one statement in flight at once; a second or third goes
+out only when a whole batch waits (so light load still sends one batch at a time, each as
+large as the load makes it). With one batch at a time, 2,000 jobs in flight queued their
+hand-offs behind it while the database used well under its two cores."""
+
 
 class Batcher:
     """One statement's executions by concurrent callers, sent to the server together.
@@ -89,7 +95,10 @@ class Batcher:
     when nothing else waits: an idle system pays no delay); executions that arrive while
     one is in flight wait for it and then go together, in one round trip and one
     transaction (asyncpg's ``fetchmany``: one Sync, one commit). Under load that saves
-    the per-statement protocol and commit work of both sides.
+    the per-statement protocol and commit work of both sides. When a whole batch
+    (``BATCH_LIMIT``) is waiting, it goes out at once on another connection, up to
+    ``IN_FLIGHT_LIMIT`` batches in flight: a backlog is worked off by several server
+    processes (cores) side by side instead of one batch at a time.
 
     Each execution must be a single statement returning exactly one row (unless run for
     its effect only, ``rows=False``: asyncpg's ``executemany``), and safe to run
@@ -101,18 +110,23 @@ class Batcher:
     the batch committed is unknown: every caller gets the error, as each would alone.
     """
 
-    __slots__ = ("_drainer", "_pending", "_rows", "_statement")
+    __slots__ = ("_drainers", "_pending", "_rows", "_statement")
 
     def __init__(self, statement: Statement, *, rows: bool = True) -> None:
         self._statement = statement
         self._rows = rows  # whether each execution's one row is wanted (else run for effect)
         self._pending: list[_Waiting] = []
-        self._drainer: asyncio.Task[None] | None = None  # the task sending batches, if any
+        self._drainers: set[asyncio.Task[None]] = set()  # the tasks sending batches
 
     @property
     def waiting(self) -> int:
-        """Executions waiting for the batch in flight to finish."""
+        """Executions waiting for a batch in flight to finish."""
         return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches being sent (each by its own task, on its own connection)."""
+        return len(self._drainers)
 
     async def run(self, engine: AsyncEngine, **values: Any) -> Any:
         """Run the statement with ``values`` on ``engine``'s hot pool (alone or with
@@ -120,8 +134,9 @@ class Batcher:
         args = self._statement.args(**values)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
-        if self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain(engine))
+        drainers = self._drainers
+        if not drainers or (len(self._pending) >= BATCH_LIMIT and len(drainers) < IN_FLIGHT_LIMIT):
+            drainers.add(asyncio.get_running_loop().create_task(self._drain(engine)))
         return await future
 
     async def _drain(self, engine: AsyncEngine) -> None:
@@ -137,7 +152,9 @@ class Batcher:
             self._pending.clear()
             raise
         finally:
-            self._drainer = None
+            # Here, not in a done callback: a caller arriving after the last batch was
+            # taken must find this task gone and start another.
+            self._drainers.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _send(self, engine: AsyncEngine, batch: list[_Waiting]) -> None:
         if len(batch) == 1:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.raw import CONNECTION_LOST, raw_connection
-from core.db.statements import Batcher, Statement, batcher
+from core.db.statements import BATCH_LIMIT, Batcher, Statement, batcher
 from tests.support.waiting import wait_for
 
 # Every execution first takes the gate row's lock, then inserts its number (unique), and
@@ -111,6 +111,40 @@ async def test_executions_arriving_during_a_batch_go_together_in_one_transaction
     assert len({row["tx"] for row in rest}) == 1, "the four waiting went as one transaction"
     assert rest[0]["tx"] != head["tx"]
     assert await stored(engine) == {1, 2, 3, 4, 5}
+
+
+async def test_a_whole_batch_waiting_goes_out_beside_the_one_in_flight(
+    engine: AsyncEngine, probe: Batcher
+) -> None:
+    async with gate_held(engine):
+        head = asyncio.create_task(probe.run(engine, n=1, kill=False))
+
+        async def head_sent() -> bool:
+            return probe.waiting == 0
+
+        await wait_for(head_sent, timeout=10, message="the first batch to be taken")
+        numbers = range(2, 2 + BATCH_LIMIT)
+        whole = [asyncio.create_task(probe.run(engine, n=n, kill=False)) for n in numbers]
+
+        async def second_sent() -> bool:
+            return probe.waiting == 0 and probe.in_flight == 2
+
+        await wait_for(second_sent, timeout=10, message="a whole batch to go out at once")
+        later = [asyncio.create_task(probe.run(engine, n=n, kill=False)) for n in (500, 501)]
+
+        async def later_waiting() -> bool:
+            return probe.waiting == 2
+
+        await wait_for(later_waiting, timeout=10, message="less than a batch to wait")
+        assert probe.in_flight == 2, "less than a whole batch waits for one in flight"
+    results = await asyncio.wait_for(asyncio.gather(head, *whole, *later), timeout=20)
+    first, batch, rest = results[0], results[1 : 1 + BATCH_LIMIT], results[1 + BATCH_LIMIT :]
+    assert [row["n"] for row in batch] == list(numbers)
+    assert len({row["tx"] for row in batch}) == 1, "the whole batch went as one transaction"
+    assert len({row["tx"] for row in rest}) == 1
+    assert len({first["tx"], batch[0]["tx"], rest[0]["tx"]}) == 3
+    assert await stored(engine) == {1, *numbers, 500, 501}
+    assert probe.in_flight == 0
 
 
 async def test_an_execution_alone_runs_at_once(engine: AsyncEngine, probe: Batcher) -> None:
