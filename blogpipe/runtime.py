@@ -38,6 +38,7 @@ from core.llm.factory import build_llm
 from core.requests import BlogRequest
 from core.settings import Settings
 from core.taskqueue import TaskQueue, build_task_queue
+from stages.base import warm
 from stages.inline import run_inline
 from stages.registry import get_stage
 from stages.runner import StageRunner
@@ -142,8 +143,9 @@ class Runtime:
         return StageRunner(get_stage(stage), self.store, self.llm, self.settings)
 
     def start_stage(self, stage: str) -> None:
-        """Subscribe a stage and its dead-letter consumer."""
+        """Load what the stage loads once, then subscribe it and its dead-letter consumer."""
         runner = self.stage_runner(stage)
+        warm(runner.stage)
         limit = self.settings.pubsub_max_messages
         self.spawn(
             self.broker.subscribe(stage_subscription(stage), runner.handle, max_in_flight=limit),

@@ -48,3 +48,11 @@ class Stage(Protocol):
 
     async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
         """Produce this stage's output from its inputs."""
+
+
+def warm(stage: Stage) -> None:
+    """Run the stage's ``warm()`` if it has one: what it loads once (tables, dictionaries)
+    is loaded before the first message rather than during it."""
+    warming = getattr(stage, "warm", None)
+    if warming is not None:
+        warming()

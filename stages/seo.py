@@ -16,6 +16,7 @@ from stages.markdown_doc import MarkdownDoc, plain_text
 from stages.models import SeoCopy
 from stages.placeholder import placeholder_seo
 from stages.prompts import SEO_SYSTEM, user_message
+from stages.reading_ease import warm as warm_reading_ease
 from stages.stage_output import as_model, earlier_output, stage_result
 
 EXCERPT_WORDS = 250
@@ -25,6 +26,10 @@ class SeoStage:
     """Finishes the article and writes its search snippets."""
 
     name = "seo"
+
+    def warm(self) -> None:
+        """Load what the first run would otherwise stop to load (``reading_ease.warm``)."""
+        warm_reading_ease()
 
     async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
         """Produce the final article fields."""

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from standardwebhooks import Webhook
 
 from blogpipe.runtime import Pipeline
+from stages.reading_ease import cmu_syllables
 from tests.support.pipeline import WEBHOOK_SECRET, pipeline_env, start_pipeline, submit
 from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
@@ -131,3 +132,16 @@ async def test_twenty_jobs_complete_with_one_signed_webhook_each(
         ).scalar_one()
     assert outputs == JOBS * 4
     assert len(webhook_receiver.requests) == JOBS
+
+
+async def test_a_process_running_the_seo_stage_loads_its_tables_before_any_message(
+    database_url: str,
+) -> None:
+    # Loaded during the first article instead, the syllable table held up the event loop
+    # (every request and stage of the process) for about 0.3 s.
+    cmu_syllables.cache_clear()
+    running = await start_pipeline(pipeline_env(database_url))
+    try:
+        assert cmu_syllables.cache_info().currsize == 1
+    finally:
+        await asyncio.wait_for(running.stop(), timeout=30)
