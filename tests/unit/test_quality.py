@@ -274,7 +274,7 @@ def test_plain_text_skips_only_lines_with_nothing_to_strip() -> None:
         for line, in_code in md._content_lines(markdown):
             if in_code or ("---" in line and md._TABLE_SEPARATOR.match(line)):
                 continue
-            heading = md._heading(line)
+            heading = md._HEADING.match(line)
             if heading:
                 out.append(heading.group(2).rstrip(".:?!") + ".")
                 continue
@@ -409,3 +409,35 @@ def test_the_reference_heading_is_found_as_the_multiline_search_finds_it() -> No
         expected = _REFERENCE_HEADINGS.search(markdown)
         found = _reference_heading(markdown)
         assert (found and found.span()) == (expected and expected.span()), repr(markdown)
+
+
+def test_a_heading_is_read_as_the_heading_regex_reads_it() -> None:
+    """``_heading`` (string methods for the usual heading, else the regex) against
+    ``_HEADING.match`` on random lines and blocks of marks, blanks and text."""
+    import random
+
+    from stages.markdown_doc import _HEADING, _heading
+
+    pieces = ["#", "#", "##", "###", " ", " ", "\t", "\n", "\r", "\u00a0", "a", "Tips", "C#", "."]
+    typical = [
+        "## Best presents for teenagers, take 5: what to know first",
+        "# Gifts For Teens: A Practical Guide",
+        "###### Six",
+        "####### Seven",
+        "## Closed ##",
+        "## C#",
+        "## #",
+        "##   ",
+        "#\nfoo",
+        "#hashtag",
+        "## trailing \n",
+        "## two\nlines",
+    ]
+    rng = random.Random(12)
+    lines = typical + [
+        "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))) for _ in range(30_000)
+    ]
+    for line in lines:
+        match = _HEADING.match(line)
+        expected = (len(match.group(1)), match.group(2)) if match else None
+        assert _heading(line) == expected, repr(line)
