@@ -55,3 +55,51 @@ async def test_progress_is_throttled(
     runner = StageRunner(ReportingStage(), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
     await asyncio.wait_for(runner._run(claim()), timeout=5)
     assert store.progress == expected
+
+
+class HeartbeatCountingStore(RecordingStore):
+    lease_seconds = 1.5  # an extension every 0.5 s
+
+    def __init__(self, enough: int) -> None:
+        super().__init__()
+        self.heartbeats = 0
+        self.enough = enough
+        self.released = asyncio.Event()
+
+    async def heartbeat(self, claim: Claim) -> None:
+        self.heartbeats += 1
+        if self.heartbeats >= self.enough:
+            self.released.set()
+
+
+class WaitingStage:
+    """Runs until its store has extended the lease enough times."""
+
+    name = "draft"
+
+    def __init__(self, store: HeartbeatCountingStore) -> None:
+        self.store = store
+
+    async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
+        await self.store.released.wait()
+        return StageResult(output={}, usage=Usage(), provider="offline", model="offline")
+
+
+def lease_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("lease-")]
+
+
+async def test_a_long_stage_keeps_extending_its_lease_and_stops_when_it_ends() -> None:
+    store = HeartbeatCountingStore(enough=2)
+    runner = StageRunner(WaitingStage(store), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
+    await asyncio.wait_for(runner._run(claim()), timeout=10)
+    assert store.heartbeats == 2
+    assert lease_tasks() == []
+
+
+async def test_a_short_stage_extends_no_lease() -> None:
+    store = HeartbeatCountingStore(enough=1)
+    runner = StageRunner(ReportingStage(), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
+    await asyncio.wait_for(runner._run(claim()), timeout=5)
+    assert store.heartbeats == 0
+    assert lease_tasks() == []
