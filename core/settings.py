@@ -61,6 +61,7 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()
     webhook_previous_secrets: tuple[str, ...] = ()
     webhook_allow_http: bool = False
+    webhook_max_in_flight: int = 200
     openai_structured_mode: str = "json_schema"
     llm_max_concurrency: int = 16
     openai_stage_models: Mapping[str, str] = field(default_factory=dict)
@@ -159,6 +160,9 @@ class Settings:
             webhook_allowed_hosts=reader.csv("WEBHOOK_ALLOWED_HOSTS"),
             webhook_previous_secrets=reader.secrets("WEBHOOK_PREVIOUS_SECRETS"),
             webhook_allow_http=reader.boolean("WEBHOOK_ALLOW_HTTP", False),
+            webhook_max_in_flight=reader.integer(
+                "WEBHOOK_MAX_IN_FLIGHT", 200, minimum=1, maximum=10_000
+            ),
             openai_structured_mode=reader.choice(
                 "OPENAI_STRUCTURED_MODE", ("json_schema", "json_object", "prompt"), "json_schema"
             ),

@@ -27,6 +27,8 @@ MAX_DRAIN_BYTES = 64 * 1024
 IDLE_SECONDS = 30.0
 """An idle connection older than this is closed rather than reused."""
 MAX_IDLE_PER_HOST = 16
+"""Idle connections kept per address by default (the notifier keeps as many as it may
+have POSTs in flight, ``WEBHOOK_MAX_IN_FLIGHT``)."""
 
 
 class ProtocolError(Exception):
@@ -75,8 +77,11 @@ def _tls_context() -> ssl.SSLContext:
 class Http1Client:
     """Keep-alive HTTP/1.1 POSTs, pooled per (scheme, address, port, host)."""
 
-    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, *, tls: ssl.SSLContext | None = None, max_idle_per_host: int = MAX_IDLE_PER_HOST
+    ) -> None:
         self._tls = tls
+        self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
         self.connections_opened = 0
 
@@ -136,7 +141,7 @@ class Http1Client:
 
     def _keep(self, key: tuple[str, str, int, str], conn: _Connection) -> None:
         pool = self._idle.setdefault(key, [])
-        if len(pool) >= MAX_IDLE_PER_HOST:
+        if len(pool) >= self.max_idle_per_host:
             conn.close()
             return
         conn.idle_since = time.monotonic()

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from core.db.webhooks import EXCERPT_LIMIT, AttemptOutcome
 from core.settings import Settings
 from core.ssrf import AllowList, AsyncResolver, BlockedDestination, ResolvedTarget, resolve_target
-from notifier.http1 import ConnectFailed, Http1Client, ProtocolError
+from notifier.http1 import MAX_IDLE_PER_HOST, ConnectFailed, Http1Client, ProtocolError
 from notifier.retry import is_success, parse_retry_after
 
 USER_AGENT = "blogpipe-webhooks/1.0"
@@ -65,9 +65,11 @@ def guard_options(
     return tuple(allowed_hosts), allow_http
 
 
-def new_http_client() -> Http1Client:
-    """The client the notifier uses when none is given: no proxies, no redirects."""
-    return Http1Client()
+def new_http_client(max_idle_per_host: int = MAX_IDLE_PER_HOST) -> Http1Client:
+    """The client the notifier uses when none is given: no proxies, no redirects; as many
+    idle connections kept per receiver as the notifier may have POSTs in flight, so a
+    burst to one receiver reuses its connections rather than opening and closing most."""
+    return Http1Client(max_idle_per_host=max_idle_per_host)
 
 
 class WebhookSender:

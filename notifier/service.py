@@ -3,7 +3,7 @@
 ``run()`` does two things at once: it consumes ``blog-job-events`` and stores one
 delivery per event (idempotently, so a redelivered message changes nothing), and it
 sends due deliveries. A new delivery is stored already claimed and sent at once by a
-task of its own (up to ``batch_size`` in flight; past that, or behind an unsettled
+task of its own (up to ``WEBHOOK_MAX_IN_FLIGHT`` in flight; past that, or behind an unsettled
 earlier delivery of its job, it waits for the delivery loop); a modest poll is the
 safety net for retries and for deliveries stored or re-queued by other processes.
 """
@@ -71,7 +71,7 @@ class Notifier:
         resolver: AsyncResolver | None = None,
         previous_secrets: Sequence[str] | None = None,
         poll_interval: float = 2.0,
-        batch_size: int = 50,
+        batch_size: int | None = None,
         lease_seconds: float | None = None,
         disable_after_failures: int = 50,
         disable_after: timedelta = timedelta(days=5),
@@ -88,8 +88,10 @@ class Notifier:
         self.policy = RetryPolicy(
             tuple(settings.webhook_retry_schedule), max_retry_after=max_retry_after
         )
+        # POSTs in flight: first attempts, and each sweep's claims (WEBHOOK_MAX_IN_FLIGHT).
+        self.batch_size = batch_size or settings.webhook_max_in_flight
         self._own_client = http_client is None
-        self.http_client = http_client or new_http_client()
+        self.http_client = http_client or new_http_client(self.batch_size)
         allowed_hosts, allow_http = guard_options(settings, allowed_hosts, allow_http)
         self.sender = WebhookSender(
             self.http_client,
@@ -99,7 +101,6 @@ class Notifier:
             resolver=resolver,
         )
         self.poll_interval = poll_interval
-        self.batch_size = batch_size
         # Longer than any attempt can take, so a live sender never loses its lease.
         self.lease_seconds = lease_seconds or settings.webhook_timeout * 3 + 30.0
         self.disable_after_failures = disable_after_failures
@@ -125,7 +126,15 @@ class Notifier:
         logger.info("Notifier started", extra={"action": "notifier_started"})
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.broker.subscribe(NOTIFIER_SUBSCRIPTION, self.handle_event))
+                # As many events in flight as POSTs (WEBHOOK_MAX_IN_FLIGHT): an event waits
+                # mostly on two database round trips, so under a burst of completions a
+                # small limit, not the work, set the pace (100 lagged 2,000 jobs by 2 s);
+                # each holds its job's document, so not the stages' limit either.
+                group.create_task(
+                    self.broker.subscribe(
+                        NOTIFIER_SUBSCRIPTION, self.handle_event, max_in_flight=self.batch_size
+                    )
+                )
                 group.create_task(self.deliver_forever())
         finally:
             await self.close()

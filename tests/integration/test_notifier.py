@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -277,6 +278,7 @@ class QueueBroker:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.acked: list[str] = []
+        self.max_in_flight = 0
 
     async def ensure_topic(self, topic: str) -> None:
         return None
@@ -291,6 +293,7 @@ class QueueBroker:
     async def subscribe(
         self, subscription: str, handler: Handler, *, max_in_flight: int = 100
     ) -> None:
+        self.max_in_flight = max_in_flight
         while True:
             message = await self.queue.get()
             message_id = uuid.uuid4().hex
@@ -306,8 +309,9 @@ async def test_run_consumes_events_and_sends(
 ) -> None:
     job_id = await finished_job(engine, webhook_receiver.url, status="failed")
     broker = QueueBroker()
+    settings = replace(make_settings(), webhook_max_in_flight=7)
     notifier = Notifier(
-        engine, broker, make_settings(), allowed_hosts=LOOPBACK, allow_http=True, poll_interval=5.0
+        engine, broker, settings, allowed_hosts=LOOPBACK, allow_http=True, poll_interval=5.0
     )
     task = asyncio.create_task(notifier.run())
     try:
@@ -320,6 +324,9 @@ async def test_run_consumes_events_and_sends(
     assert history.delivery.status == "succeeded"
     assert len(broker.acked) == 1
     assert webhook_receiver.requests[0].json()["type"] == "job.failed"  # type: ignore[index]
+    # Events and POSTs in flight, and idle connections kept, as WEBHOOK_MAX_IN_FLIGHT says.
+    assert broker.max_in_flight == 7
+    assert notifier.batch_size == 7 and notifier.http_client.max_idle_per_host == 7
 
 
 async def test_a_new_delivery_goes_out_without_waiting_for_the_delivery_loop(

@@ -103,6 +103,17 @@ async def test_posts_reuse_one_connection_with_the_urls_host_and_body() -> None:
     assert body == b'{"b": 22}'
 
 
+async def test_as_many_idle_connections_are_kept_as_asked() -> None:
+    client = Http1Client(max_idle_per_host=2)
+    async with serving(Server(lambda n: ok())) as server:
+        # Four at once need four connections; two of them are kept afterwards.
+        await asyncio.wait_for(asyncio.gather(*(post(client, server) for _ in range(4))), TIMEOUT)
+        assert client.connections_opened == 4
+        await asyncio.wait_for(asyncio.gather(*(post(client, server) for _ in range(4))), TIMEOUT)
+    await client.aclose()
+    assert client.connections_opened == 6 and server.connections == 6
+
+
 async def test_a_kept_connection_the_server_closed_is_replaced() -> None:
     client = Http1Client()
     async with serving(Server(lambda n: ok(), close_after=True)) as server:

@@ -37,6 +37,11 @@ def test_max_redrives_reaches_the_sweeper_and_dead_letter_settings() -> None:
     assert Settings.from_env({"BLOGPIPE_MAX_REDRIVES": "12"}).max_redrives == 12
 
 
+def test_webhook_posts_in_flight_are_read() -> None:
+    assert Settings.from_env({}).webhook_max_in_flight == 200
+    assert Settings.from_env({"WEBHOOK_MAX_IN_FLIGHT": "25"}).webhook_max_in_flight == 25
+
+
 def test_previous_webhook_secrets_are_read_for_rotation() -> None:
     settings = Settings.from_env({"WEBHOOK_PREVIOUS_SECRETS": "whsec_a, whsec_b"})
     assert settings.webhook_previous_secrets == ("whsec_a", "whsec_b")
@@ -60,6 +65,8 @@ def test_previous_webhook_secrets_are_read_for_rotation() -> None:
         ({"BLOGPIPE_LLM": "openai"}, "OPENAI_API_KEY"),
         ({"BLOGPIPE_MAX_REDRIVES": "-1"}, "BLOGPIPE_MAX_REDRIVES"),
         ({"BLOGPIPE_MAX_REDRIVES": "three"}, "BLOGPIPE_MAX_REDRIVES"),
+        ({"WEBHOOK_MAX_IN_FLIGHT": "0"}, "WEBHOOK_MAX_IN_FLIGHT"),
+        ({"WEBHOOK_MAX_IN_FLIGHT": "many"}, "WEBHOOK_MAX_IN_FLIGHT"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
