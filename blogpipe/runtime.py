@@ -274,17 +274,20 @@ async def serve(
     *,
     ready: Callable[[], None] | None = None,
     share_port: bool = False,
+    listening: socket.socket | None = None,
 ) -> None:
     """Serve ``app`` with uvicorn inside the running loop until cancelled; with
     ``share_port``, on a socket other ``blogpipe`` processes share (``blogpipe dev
-    --replicas``)."""
+    --replicas``): ``listening`` if the caller opened it already."""
     import uvicorn
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    sockets = [shared_port_socket(host, port)] if share_port else None
+    if listening is None and share_port:
+        listening = shared_port_socket(host, port)
+    sockets = [listening] if listening is not None else None
     task = asyncio.ensure_future(server.serve(sockets=sockets))
     try:
         while not server.started:
@@ -334,22 +337,37 @@ class Pipeline:
         self, before_serving: Callable[[Runtime], Awaitable[object]] | None = None
     ) -> Runtime:
         """Open the runtime, set up (``dev``), start the components; ``before_serving``
-        runs just before the API starts listening (``dev`` starts its children there, so
-        that answering ``/readyz`` means every process is up)."""
+        runs just before the API starts serving (``dev`` starts its children there, so
+        that answering ``/readyz`` means every process is up).
+
+        On a shared port this process listens before ``before_serving``: the kernel
+        spreads connections over the sockets listening when they arrive, and a client
+        may connect as soon as a replica answers ``/readyz``, before this process serves
+        (its connections wait in its backlog until then). Listening only when serving,
+        it missed every connection a client opened in that moment: one replica did all
+        the work while the other idled."""
         runtime = await Runtime.open(self.settings, migrate=self.setup)
         self.runtime = runtime
         if self.setup:
             await runtime.provision()
-        if before_serving is not None:
-            await before_serving(runtime)
-        for stage in STAGES:
-            if stage in self.components:
-                runtime.start_stage(stage)
-        if "notifier" in self.components:
-            runtime.start_notifier()
-        runtime.start_relay()
-        if "api" in self.components:
-            runtime.start_sweeper()
+        listening = None
+        if self.share_port and "api" in self.components:
+            listening = shared_port_socket(self.settings.host, self.settings.port)
+        try:
+            if before_serving is not None:
+                await before_serving(runtime)
+            for stage in STAGES:
+                if stage in self.components:
+                    runtime.start_stage(stage)
+            if "notifier" in self.components:
+                runtime.start_notifier()
+            runtime.start_relay()
+            if "api" in self.components:
+                runtime.start_sweeper()
+        except BaseException:
+            if listening is not None:
+                listening.close()
+            raise
         if "api" in self.components:
             runtime.spawn(
                 serve(
@@ -358,6 +376,7 @@ class Pipeline:
                     self.settings.port,
                     ready=self._started.set,
                     share_port=self.share_port,
+                    listening=listening,
                 ),
                 "api",
             )

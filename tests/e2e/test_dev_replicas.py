@@ -10,6 +10,8 @@ import httpx
 import psutil
 import pytest
 
+from blogpipe.runtime import Pipeline, Runtime
+from core.settings import Settings
 from tests.support.pipeline import (
     PipelineProcess,
     children_of,
@@ -77,3 +79,31 @@ async def test_replicas_share_the_port_run_jobs_and_are_restarted(
             await survive_a_child_kill(dev, "serve", client, webhook_receiver, len(job_ids))
     finally:
         await stop_and_check_children_gone(dev, "serve")
+
+
+async def test_on_a_shared_port_a_process_listens_before_its_replicas_start(
+    database_url: str,
+) -> None:
+    # A client may connect as soon as a replica answers /readyz: had this process not been
+    # listening by then, every connection opened in that moment went to the replica (in
+    # the benchmark one process did 90% of the work while the other idled).
+    settings = Settings.from_env(pipeline_env(database_url))
+    pipeline = Pipeline(settings, share_port=True)
+    listening: list[bool] = []
+
+    async def before_serving(runtime: Runtime) -> None:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(settings.host, settings.port), 5
+            )
+        except OSError:
+            listening.append(False)
+        else:
+            writer.close()
+            listening.append(True)
+
+    await asyncio.wait_for(pipeline.start(before_serving=before_serving), 60)
+    try:
+        assert listening == [True]
+    finally:
+        await asyncio.wait_for(pipeline.stop(), 30)
