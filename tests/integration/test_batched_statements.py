@@ -70,18 +70,24 @@ async def gate_held(engine: AsyncEngine) -> AsyncIterator[None]:
             await transaction.rollback()
 
 
+async def blocked_head(probe: Batcher, engine: AsyncEngine, n: int = 1) -> asyncio.Task[Any]:
+    """Execution ``n`` sent alone, taken by the drain and blocked on the held gate."""
+    head = asyncio.create_task(probe.run(engine, n=n, kill=False))
+
+    async def head_sent() -> bool:
+        return probe.waiting == 0  # the drain took it
+
+    await wait_for(head_sent, timeout=10, message="the first batch to be taken")
+    return head
+
+
 async def run_behind_a_blocked_batch(
     probe: Batcher, engine: AsyncEngine, first: int, then: Sequence[dict[str, Any]]
 ) -> tuple[Any, list[Any]]:
     """Execution ``first`` sent alone and blocked on the gate, ``then`` arriving behind it;
     the gate opened once all wait. Each result is the row or the exception raised."""
     async with gate_held(engine):
-        head = asyncio.create_task(probe.run(engine, n=first, kill=False))
-
-        async def head_sent() -> bool:
-            return probe.waiting == 0  # the drain took it
-
-        await wait_for(head_sent, timeout=10, message="the first batch to be taken")
+        head = await blocked_head(probe, engine, first)
         rest = [asyncio.create_task(probe.run(engine, **values)) for values in then]
 
         async def all_waiting() -> bool:
@@ -117,12 +123,7 @@ async def test_a_whole_batch_waiting_goes_out_beside_the_one_in_flight(
     engine: AsyncEngine, probe: Batcher
 ) -> None:
     async with gate_held(engine):
-        head = asyncio.create_task(probe.run(engine, n=1, kill=False))
-
-        async def head_sent() -> bool:
-            return probe.waiting == 0
-
-        await wait_for(head_sent, timeout=10, message="the first batch to be taken")
+        head = await blocked_head(probe, engine)
         numbers = range(2, 2 + BATCH_LIMIT)
         whole = [asyncio.create_task(probe.run(engine, n=n, kill=False)) for n in numbers]
 
@@ -200,12 +201,7 @@ async def test_a_cancelled_caller_does_not_fail_the_others(
     engine: AsyncEngine, probe: Batcher
 ) -> None:
     async with gate_held(engine):
-        head = asyncio.create_task(probe.run(engine, n=1, kill=False))
-
-        async def head_sent() -> bool:
-            return probe.waiting == 0
-
-        await wait_for(head_sent, timeout=10, message="the first batch to be taken")
+        head = await blocked_head(probe, engine)
         quitter = asyncio.create_task(probe.run(engine, n=2, kill=False))
         stayer = asyncio.create_task(probe.run(engine, n=3, kill=False))
 
