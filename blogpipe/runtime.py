@@ -273,20 +273,17 @@ async def serve(
     port: int,
     *,
     ready: Callable[[], None] | None = None,
-    share_port: bool = False,
     listening: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` with uvicorn inside the running loop until cancelled; with
-    ``share_port``, on a socket other ``blogpipe`` processes share (``blogpipe dev
-    --replicas``): ``listening`` if the caller opened it already."""
+    """Serve ``app`` with uvicorn inside the running loop until cancelled; on
+    ``listening`` when given (a socket other ``blogpipe`` processes share, ``blogpipe dev
+    --replicas``), else on ``host:port``."""
     import uvicorn
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    if listening is None and share_port:
-        listening = shared_port_socket(host, port)
     sockets = [listening] if listening is not None else None
     task = asyncio.ensure_future(server.serve(sockets=sockets))
     try:
@@ -375,7 +372,6 @@ class Pipeline:
                     self.settings.host,
                     self.settings.port,
                     ready=self._started.set,
-                    share_port=self.share_port,
                     listening=listening,
                 ),
                 "api",
