@@ -19,17 +19,15 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from core.google_auth import (
-    CachingCertsRequest,
-    CertificatesUnavailable,
-    InvalidIdToken,
-    verify_google_oidc_async,
-)
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.google_auth import CachingCertsRequest
 
 logger = logging.getLogger("blogpipe.api.auth")
 
@@ -138,6 +136,9 @@ def caller_authorizer(
             policy.audience,
             extra={"action": "caller_auth_open_allow_list", "endpoint": policy.endpoint},
         )
+    if policy.audience:
+        # google-auth and cryptography (about 8 MB) load only where OIDC is on.
+        from core import google_auth
 
     async def authorize(request: Request) -> Response | None:
         if not policy.configured:
@@ -162,14 +163,14 @@ def caller_authorizer(
                     reasons.append("Authorization header must be 'Bearer <token>'")
                 else:
                     try:
-                        claims = await verify_google_oidc_async(
+                        claims = await google_auth.verify_google_oidc_async(
                             token.strip(),
                             audience=policy.audience,
                             allowed_emails=policy.allowed_emails,
                             certs_url=certs_url,
                             request=certs_request,
                         )
-                    except CertificatesUnavailable as exc:
+                    except google_auth.CertificatesUnavailable as exc:
                         logger.error(
                             "Cannot verify caller of the %s: %s",
                             policy.endpoint,
@@ -179,7 +180,7 @@ def caller_authorizer(
                         return JSONResponse(
                             {"error": "Cannot verify credentials right now"}, status_code=503
                         )
-                    except InvalidIdToken as exc:
+                    except google_auth.InvalidIdToken as exc:
                         reasons.append(str(exc))
                     else:
                         request.state.caller = claims.get("email") or claims.get("sub")

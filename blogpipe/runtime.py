@@ -30,7 +30,6 @@ from core.constants import (
 )
 from core.db.engine import create_engine, resolve_database_url
 from core.db.jobs import JobRepository
-from core.db.migrate import upgrade
 from core.db.pipeline import PipelineStore
 from core.dispatch import Dispatcher
 from core.llm import LLM
@@ -87,6 +86,9 @@ class Runtime:
         url = resolve_database_url(settings)
         engine = create_engine(url, pool_size=settings.db_pool_size)
         if migrate:
+            # alembic (about 11 MB) loads only in the process that migrates.
+            from core.db.migrate import upgrade
+
             await upgrade(engine)
         broker = build_broker(settings, engine)
         dispatcher = Dispatcher(engine, broker)

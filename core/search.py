@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from core.errors import PermanentError, RetryableError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 PROVIDER = "google_cse"
 MAX_RESULTS_PER_QUERY = 10
@@ -66,6 +67,9 @@ class GoogleSearch:
         self.engine_id = engine_id
         self.base_url = base_url
         self.language = language
+        # httpx (with click and rich, where installed: about 6 MB) loads only for web search.
+        import httpx
+
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             transport=httpx.AsyncHTTPTransport(retries=1),
@@ -96,6 +100,8 @@ class GoogleSearch:
         }
         if self.language:
             params["lr"] = f"lang_{self.language}"
+        import httpx
+
         try:
             response = await self._client.get(self.base_url, params=params)
         except httpx.TimeoutException as exc:
