@@ -34,7 +34,13 @@ from core.settings import Settings
 from stages.base import StageInput
 from stages.markdown_doc import plain_text
 from stages.models import SeoCopy
-from stages.reading_ease import LANG, cmu_syllables, flesch_reading_ease, lower_words
+from stages.reading_ease import (
+    LANG,
+    SyllableTable,
+    cmu_syllables,
+    flesch_reading_ease,
+    lower_words,
+)
 from stages.registry import get_stage
 from stages.result import build_result
 
@@ -518,3 +524,14 @@ def test_the_syllable_table_is_textstats_dictionary_for_every_word() -> None:
     ]
     assert differing == []
     assert table["tomato"] == 3 and table["read"] == 1 and "xyzzyq" not in table
+
+
+def test_a_syllable_table_keeps_each_words_first_count_whatever_the_order() -> None:
+    table = SyllableTable([(b"read", 2), (b"apple", 2), (b"read", 1), (b"a", 1), (b"zebra", 3)])
+    assert len(table) == 4
+    assert list(table) == ["a", "apple", "read", "zebra"]
+    assert table["read"] == 2 and table.get("zebra") == 3 and table.get("a") == 1
+    assert table.get("reads") is None and table.get("") is None and table.get("\ud800") is None
+    assert "apple" in table and "appl" not in table and 3 not in table
+    with pytest.raises(KeyError):
+        table["b"]
