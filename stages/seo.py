@@ -11,7 +11,7 @@ from typing import Any
 from core.llm import LLM, LLMRequest
 from stages.article import compose_article, ensure_single_h1
 from stages.base import StageInput, StageResult
-from stages.citations import apply_citations
+from stages.citations import CitedContent, apply_citations
 from stages.markdown_doc import MarkdownDoc, plain_text
 from stages.models import SeoCopy
 from stages.placeholder import placeholder_seo
@@ -34,12 +34,43 @@ class SeoStage:
     async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
         """Produce the final article fields."""
         request = stage_input.request
+        title, cited, user = self._prompt(stage_input)
+        response = await llm.generate(
+            LLMRequest(
+                stage=self.name,
+                system=SEO_SYSTEM,
+                user=user,
+                output_type=SeoCopy,
+                offline=lambda: placeholder_seo(request, title),
+                temperature=0.3,
+            )
+        )
+        copy = as_model(response.output, SeoCopy)
+        article, quality_warnings = compose_article(
+            request,
+            content=MarkdownDoc(cited.markdown),
+            title=title,
+            copy=copy,
+            research=earlier_output(stage_input, "research"),
+            citations=cited.citations,
+            author=stage_input.settings.author_name,
+            publisher=stage_input.settings.publisher_name,
+        )
+        return stage_result(response, article, [*cited.warnings, *quality_warnings])
+
+    def _prompt(self, stage_input: StageInput) -> tuple[str, CitedContent, str]:
+        """The title, the article with its references, and the prompt for the snippets.
+
+        The article is parsed here for the prompt and again after the LLM call rather than
+        kept parsed through it: a call takes seconds, thousands of jobs may be waiting on
+        one at once, and the parsed document (its lines, paragraphs and plain text) is
+        about 35 KB a job against the 9 KB of the Markdown itself."""
         research = earlier_output(stage_input, "research")
         outline = earlier_output(stage_input, "outline")
         draft = earlier_output(stage_input, "draft")
         markdown, title = ensure_single_h1(str(draft["markdown"]), str(outline["title"]))
         cited = apply_citations(
-            markdown, research.get("sources", []), enabled=request.use_citations
+            markdown, research.get("sources", []), enabled=stage_input.request.use_citations
         )
         content = MarkdownDoc(cited.markdown)
         prose = plain_text("\n\n".join(content.paragraphs))
@@ -50,25 +81,4 @@ class SeoStage:
             "excerpt": excerpt,
             "search_intent": research.get("search_intent"),
         }
-        response = await llm.generate(
-            LLMRequest(
-                stage=self.name,
-                system=SEO_SYSTEM,
-                user=user_message(request, context),
-                output_type=SeoCopy,
-                offline=lambda: placeholder_seo(request, title),
-                temperature=0.3,
-            )
-        )
-        copy = as_model(response.output, SeoCopy)
-        article, quality_warnings = compose_article(
-            request,
-            content=content,
-            title=title,
-            copy=copy,
-            research=research,
-            citations=cited.citations,
-            author=stage_input.settings.author_name,
-            publisher=stage_input.settings.publisher_name,
-        )
-        return stage_result(response, article, [*cited.warnings, *quality_warnings])
+        return title, cited, user_message(stage_input.request, context)
