@@ -86,10 +86,9 @@ class Runtime:
         url = resolve_database_url(settings)
         engine = create_engine(url, pool_size=settings.db_pool_size)
         if migrate:
-            # alembic (about 11 MB) loads only in the process that migrates.
-            from core.db.migrate import upgrade
+            from core.db.migrate import upgrade_unless_current
 
-            await upgrade(engine)
+            await upgrade_unless_current(engine)
         broker = build_broker(settings, engine)
         dispatcher = Dispatcher(engine, broker)
         store = PipelineStore(engine, dispatcher, lease_seconds=settings.stage_lease_seconds)

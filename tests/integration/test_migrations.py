@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import uuid
+
+import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.db.engine import asyncpg_url, create_engine
 from core.db.schema import metadata
+from tests.support.database import DatabaseFactory, with_database
 from tests.support.waiting import wait_for
 
 
@@ -105,3 +113,72 @@ async def test_the_run_time_estimate_reads_recent_completed_jobs_through_an_inde
             row[0] for row in await connection.exec_driver_sql(f"EXPLAIN {_ESTIMATE_QUERY}")
         )
     assert "ix_jobs_completed_recent" in plan, plan
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    from alembic.script import ScriptDirectory
+
+    from core.db.migrate import HEAD_REVISION, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [HEAD_REVISION]
+
+
+async def test_a_database_at_head_is_not_migrated_again_and_an_empty_one_is(
+    engine: AsyncEngine, database_factory: DatabaseFactory
+) -> None:
+    from core.db.migrate import HEAD_REVISION, current_revision, upgrade_unless_current
+
+    assert await asyncio.wait_for(current_revision(engine), 30) == HEAD_REVISION
+    assert await asyncio.wait_for(upgrade_unless_current(engine), 30) is False
+
+    name = f"bp_t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncio.wait_for(
+        asyncpg.connect(with_database(database_factory.server_url, "postgres")), 30
+    )
+    try:
+        await asyncio.wait_for(admin.execute(f'CREATE DATABASE "{name}"'), 30)
+    finally:
+        await asyncio.wait_for(admin.close(), 30)
+    database_factory.created.append(name)
+    empty = create_engine(
+        asyncpg_url(with_database(database_factory.server_url, name)), pool_size=1
+    )
+    try:
+        assert await asyncio.wait_for(current_revision(empty), 30) is None
+        assert await asyncio.wait_for(upgrade_unless_current(empty), 60) is True
+        assert await asyncio.wait_for(current_revision(empty), 30) == HEAD_REVISION
+        async with empty.connect() as connection:
+            tables = await connection.exec_driver_sql("SELECT to_regclass('jobs') IS NOT NULL")
+            assert tables.scalar_one() is True
+    finally:
+        await empty.dispose()
+        await database_factory.drop(with_database(database_factory.server_url, name))
+
+
+OPEN_RUNTIME = """
+import asyncio, sys
+from blogpipe.runtime import Runtime
+from core.settings import Settings
+
+async def main() -> None:
+    runtime = await Runtime.open(Settings(database_url=sys.argv[1]), migrate=True)
+    await runtime.close()
+    print("alembic" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_starting_on_a_database_at_head_does_not_load_alembic(
+    database_url: str,
+) -> None:
+    """alembic is about 11 MB of each ``blogpipe dev`` process that would never use it."""
+    result = subprocess.run(
+        [sys.executable, "-c", OPEN_RUNTIME, database_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

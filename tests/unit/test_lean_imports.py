@@ -4,7 +4,8 @@ Each process (``blogpipe dev``, each ``--replicas`` child, each ``blogpipe stage
 Cloud Run) pays for every module it imports in resident memory: alembic about 11 MB,
 google-auth with cryptography about 8 MB, httpx (with click and rich where installed)
 about 6 MB. These load only where they are needed: alembic in the process that
-migrates, google-auth where OIDC caller checks are on, httpx where web search is
+migrates and only when the database is behind (tests/integration/test_migrations.py),
+google-auth where OIDC caller checks are on, httpx where web search is
 configured.
 """
 
