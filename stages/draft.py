@@ -106,34 +106,15 @@ class DraftStage:
     async def run(self, stage_input: StageInput, llm: LLM) -> StageResult:
         """Produce the Markdown draft; one corrective pass if its length is far off."""
         request = stage_input.request
-        research = earlier_output(stage_input, "research")
-        stored = earlier_output(stage_input, "outline")
-        # Outlines stored before sections named their sources have no source_ids.
-        stored["sections"] = [
-            {"source_ids": [], **section} for section in stored.get("sections") or []
-        ]
-        outline = stored_model(stored, Outline)
-        sources = _numbered_sources(research) if request.use_citations else []
-        numbers = {str(s["id"]): s["number"] for s in sources if s["id"]}
-        expected = planned_words(outline, request)
-        context: dict[str, Any] = {
-            "outline": _outline_context(outline, numbers),
-            "citations_enabled": bool(sources),
-            "sources": sources,
-            "facts": _facts(research, numbers),
-            "semantic_keywords": research.get("semantic_keywords", []),
-            "entities": research.get("entities", []),
-            "requirements": content_requirements(request),
-            "total_words": expected,
-        }
+        source_count, expected, user = self._prompt(stage_input)
         progress = StreamProgress(stage_input.report, expected)
         response = await llm.generate(
             LLMRequest(
                 stage=self.name,
                 system=DRAFT_SYSTEM,
-                user=user_message(request, context),
+                user=user,
                 output_type=None,
-                offline=lambda: placeholder_draft(request, outline, len(sources)),
+                offline=lambda: placeholder_draft(request, _outline(stage_input), source_count),
                 stream=True,
                 max_tokens=max(2000, int(expected * 2.2)),
                 temperature=0.7,
@@ -167,6 +148,31 @@ class DraftStage:
         output = {"markdown": markdown, "word_count": words}
         return stage_result(response, output, warnings)
 
+    def _prompt(self, stage_input: StageInput) -> tuple[int, int, str]:
+        """The number of sources to cite, the words planned, and the prompt.
+
+        Built apart from the LLM call so that what the prompt was built from (the outline
+        as a model, the numbered sources, facts and outline context: about 12 KB a job) is
+        not kept through the call, which takes seconds while thousands of jobs may be
+        waiting on one."""
+        request = stage_input.request
+        research = earlier_output(stage_input, "research")
+        outline = _outline(stage_input)
+        sources = _numbered_sources(research) if request.use_citations else []
+        numbers = {str(s["id"]): s["number"] for s in sources if s["id"]}
+        expected = planned_words(outline, request)
+        context: dict[str, Any] = {
+            "outline": _outline_context(outline, numbers),
+            "citations_enabled": bool(sources),
+            "sources": sources,
+            "facts": _facts(research, numbers),
+            "semantic_keywords": research.get("semantic_keywords", []),
+            "entities": research.get("entities", []),
+            "requirements": content_requirements(request),
+            "total_words": expected,
+        }
+        return len(sources), expected, user_message(request, context)
+
     async def _correct_length(
         self,
         stage_input: StageInput,
@@ -197,6 +203,14 @@ class DraftStage:
         )
         combined = replace(second, usage=first.usage + second.usage)
         return _markdown(second), combined
+
+
+def _outline(stage_input: StageInput) -> Outline:
+    """The outline stage's output as a model."""
+    stored = earlier_output(stage_input, "outline")
+    # Outlines stored before sections named their sources have no source_ids.
+    stored["sections"] = [{"source_ids": [], **section} for section in stored.get("sections") or []]
+    return stored_model(stored, Outline)
 
 
 def _markdown(response: LLMResponse) -> str:

@@ -1,15 +1,18 @@
 """What a stage keeps while its LLM call is pending.
 
 A call takes seconds and thousands of jobs may wait on one at once in one process, so
-what each keeps through the wait is multiplied by thousands: the SEO stage keeps the
-cited Markdown and the prompt, not the parsed document (its lines, paragraphs and plain
-text, several times the size of the Markdown).
+what each keeps through the wait is multiplied by thousands: the draft stage keeps the
+prompt, not the outline as a model nor the sources and facts the prompt was built from;
+the SEO stage keeps the cited Markdown and the prompt, not the parsed document (its
+lines, paragraphs and plain text, several times the size of the Markdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+
+import pytest
 
 from core.constants import STAGES
 from core.llm import LLMRequest, LLMResponse, TextCallback
@@ -18,35 +21,44 @@ from core.requests import BlogRequest
 from core.settings import Settings
 from stages.base import StageInput
 from stages.markdown_doc import MarkdownDoc
+from stages.models import Outline, OutlineSection
 from stages.registry import get_stage
 
 
 class Watching(OfflineLLM):
-    """The offline LLM, counting the parsed documents alive when each call starts."""
+    """The offline LLM, counting the objects of some types alive when each call starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: tuple[type, ...]) -> None:
         super().__init__()
+        self.kinds = kinds
         self.alive: list[int] = []
 
     async def generate(
         self, request: LLMRequest, on_text: TextCallback | None = None
     ) -> LLMResponse:
         gc.collect()
-        self.alive.append(sum(isinstance(o, MarkdownDoc) for o in gc.get_objects()))
+        self.alive.append(sum(isinstance(o, self.kinds) for o in gc.get_objects()))
         return await super().generate(request, on_text)
 
 
-async def test_the_seo_stage_keeps_no_parsed_document_through_its_llm_call() -> None:
+@pytest.mark.parametrize(
+    ("stage", "kinds"),
+    [("draft", (Outline, OutlineSection)), ("seo", (MarkdownDoc,))],
+)
+async def test_a_stage_keeps_no_parsed_input_through_its_llm_call(
+    stage: str, kinds: tuple[type, ...]
+) -> None:
     request = BlogRequest(topic="Indoor plants for dark rooms", keywords=["indoor plants"])
     settings = Settings()
     outputs: dict[str, dict[str, object]] = {}
-    for name in STAGES[:-1]:
+    for name in STAGES[: STAGES.index(stage)]:
         stage_input = StageInput(request=request, outputs=dict(outputs), settings=settings)
         result = await asyncio.wait_for(get_stage(name).run(stage_input, OfflineLLM()), 30)
         outputs[name] = result.output
-    llm = Watching()
+    llm = Watching(kinds)
     stage_input = StageInput(request=request, outputs=outputs, settings=settings)
-    result = await asyncio.wait_for(get_stage("seo").run(stage_input, llm), 30)
+    result = await asyncio.wait_for(get_stage(stage).run(stage_input, llm), 30)
     assert llm.alive == [0]
-    assert result.output["content"].startswith("# ")
-    assert result.output["content_metadata"]["word_count"] > 0
+    text = result.output["markdown" if stage == "draft" else "content"]
+    assert text.startswith("# ")
+    assert "## " in text
