@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +38,7 @@ from core.constants import (
     stage_topic,
 )
 from core.db import pipeline_sql as sql
-from core.db.raw import read_on_live_connection
+from core.db.raw import JsonText, read_on_live_connection
 from core.db.statements import Statement
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
@@ -52,6 +52,49 @@ from the statement's row and values."""
 
 Finalizer = Callable[[Mapping[str, Mapping[str, Any]], list[dict[str, Any]], float], dict[str, Any]]
 """Builds the final result from stage outputs, per-stage usage, and generation time."""
+
+
+class StoredOutputs(Mapping[str, dict[str, Any]]):
+    """Earlier stages' outputs as the JSON they were stored as, each parsed (afresh) when
+    a stage reads it.
+
+    A claim is held for as long as its stage runs, LLM calls included, and thousands may
+    be running at once: the JSON is about 13 KB a job by the SEO stage, the same outputs
+    parsed about 23 KB."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Mapping[str, bytes] | None = None) -> None:
+        self._raw: dict[str, bytes] = dict(raw or {})
+
+    @classmethod
+    def parsed(cls, outputs: Mapping[str, Any]) -> StoredOutputs:
+        """From outputs already parsed (a claim read from the database)."""
+        return cls({stage: _json_bytes(output) for stage, output in outputs.items()})
+
+    def with_output(self, stage: str, raw: bytes) -> StoredOutputs:
+        """These outputs and ``stage``'s."""
+        return StoredOutputs({**self._raw, stage: raw})
+
+    def __getitem__(self, stage: str) -> dict[str, Any]:
+        output: dict[str, Any] = orjson.loads(self._raw[stage])
+        return output
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"StoredOutputs({sorted(self._raw)})"
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as the JSON the database was sent (``JsonText`` is that already)."""
+    if type(value) is JsonText:
+        return value.encode()
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
 @dataclass(frozen=True)
@@ -68,7 +111,7 @@ class Claim:
     run_id: int
     attempt: int
     request: dict[str, Any]
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: StoredOutputs = field(default_factory=StoredOutputs)
     started_at: datetime | None = None
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -282,7 +325,7 @@ class PipelineStore:
             run_id=int(row["run_id"]),
             attempt=int(row["attempt"]),
             request=dict(row["request"]),
-            outputs=row["outputs"] or {},
+            outputs=StoredOutputs.parsed(row["outputs"] or {}),
             started_at=row["started_at"],
             usage=row["usage"] or {},
         )
@@ -324,7 +367,8 @@ class PipelineStore:
             "job": claim.job_id,
             "generation": claim.generation,
             "run": claim.run_id,
-            "output": outcome.output,
+            # Encoded once: for the database and, as the next stage's input, for its claim.
+            "output": JsonText(_json_bytes(outcome.output).decode()),
             "provider": outcome.provider,
             "model": outcome.model,
             "pt": outcome.prompt_tokens,
@@ -471,9 +515,8 @@ def _can_open_next(finished: Claim) -> bool:
 
 def _next_claim(finished: Claim, values: Mapping[str, Any], run_id: int) -> Claim:
     """The claim of the run ``complete_claim`` opened after ``finished``: what a claim
-    would have read. The finished stage's output goes through JSON as it did into the
+    would have read. The finished stage's output is kept as the JSON sent to the
     database, so the next stage sees the same shapes a claim from the database gives."""
-    output = orjson.loads(orjson.dumps(values["output"], option=orjson.OPT_NON_STR_KEYS))
     usage = {
         "provider": values["provider"],
         "tokens": values["pt"] + values["ct"],
@@ -486,7 +529,7 @@ def _next_claim(finished: Claim, values: Mapping[str, Any], run_id: int) -> Clai
         run_id=run_id,
         attempt=1,
         request=finished.request,
-        outputs={**finished.outputs, finished.stage: output},
+        outputs=finished.outputs.with_output(finished.stage, _json_bytes(values["output"])),
         started_at=finished.started_at,
         usage={**finished.usage, finished.stage: usage},
     )
