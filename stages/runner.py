@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,7 +88,8 @@ class StageRunner:
         )
         started = time.monotonic()
         try:
-            result = await self._run(claim)
+            claim, request = _with_parsed_request(claim)
+            result = await self._run(claim, request)
         except Exception as exc:
             await self._failed(claim, exc, delivery)
             return
@@ -137,8 +139,7 @@ class StageRunner:
             attempts=attempts,
         )
 
-    async def _run(self, claim: Claim) -> StageResult:
-        request = BlogRequest.model_validate(claim.request)
+    async def _run(self, claim: Claim, request: BlogRequest) -> StageResult:
         start, end = STAGE_PROGRESS[self.stage.name]
 
         last_report = time.monotonic()
@@ -265,6 +266,17 @@ class _LeaseKeeper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _with_parsed_request(claim: Claim) -> tuple[Claim, BlogRequest]:
+    """The claim with its job's request validated: a claim read from the database has it
+    as stored, one opened by the previous stage in this process has the model that stage
+    ran with (the next stage's claim carries it on, so a job's request is validated once
+    per process, not once per stage)."""
+    if isinstance(claim.request, BlogRequest):
+        return claim, claim.request
+    request = BlogRequest.model_validate(claim.request)
+    return replace(claim, request=request), request
 
 
 def _is_retryable(exc: Exception) -> bool:

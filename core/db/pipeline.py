@@ -43,6 +43,7 @@ from core.db.statements import Statement
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
 from core.llm import Usage
+from core.requests import BlogRequest
 
 logger = logging.getLogger("blogpipe.pipeline")
 
@@ -101,8 +102,10 @@ def _json_bytes(value: Any) -> bytes:
 class Claim:
     """A stage run this worker now owns (until its lease expires).
 
-    ``outputs`` holds the latest output of each earlier stage; for the last stage,
-    ``usage`` holds each earlier stage's provider, tokens and cost, for the result.
+    ``request`` is the job's request as stored, or validated (``BlogRequest``) once a
+    stage in this process has run with it. ``outputs`` holds the latest output of each
+    earlier stage; for the last stage, ``usage`` holds each earlier stage's provider,
+    tokens and cost, for the result.
     """
 
     job_id: UUID
@@ -110,7 +113,7 @@ class Claim:
     generation: int
     run_id: int
     attempt: int
-    request: dict[str, Any]
+    request: dict[str, Any] | BlogRequest
     outputs: StoredOutputs = field(default_factory=StoredOutputs)
     started_at: datetime | None = None
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)

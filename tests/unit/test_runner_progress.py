@@ -53,7 +53,7 @@ async def test_progress_is_throttled(
     monkeypatch.setattr(runner_module, "PROGRESS_INTERVAL", interval)
     store = RecordingStore()
     runner = StageRunner(ReportingStage(), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
-    await asyncio.wait_for(runner._run(claim()), timeout=5)
+    await asyncio.wait_for(runner._run(*runner_module._with_parsed_request(claim())), timeout=5)
     assert store.progress == expected
 
 
@@ -92,7 +92,7 @@ def lease_tasks() -> list[asyncio.Task[Any]]:
 async def test_a_long_stage_keeps_extending_its_lease_and_stops_when_it_ends() -> None:
     store = HeartbeatCountingStore(enough=2)
     runner = StageRunner(WaitingStage(store), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
-    await asyncio.wait_for(runner._run(claim()), timeout=10)
+    await asyncio.wait_for(runner._run(*runner_module._with_parsed_request(claim())), timeout=10)
     assert store.heartbeats == 2
     assert lease_tasks() == []
 
@@ -100,6 +100,6 @@ async def test_a_long_stage_keeps_extending_its_lease_and_stops_when_it_ends() -
 async def test_a_short_stage_extends_no_lease() -> None:
     store = HeartbeatCountingStore(enough=1)
     runner = StageRunner(ReportingStage(), store, llm=Any, settings=Settings())  # type: ignore[arg-type]
-    await asyncio.wait_for(runner._run(claim()), timeout=5)
+    await asyncio.wait_for(runner._run(*runner_module._with_parsed_request(claim())), timeout=5)
     assert store.heartbeats == 0
     assert lease_tasks() == []
