@@ -33,6 +33,7 @@ SCENARIOS = (
     "throughput-scaled",
     "throughput-gcp",
     "concurrency",
+    "concurrency-scaled",
     "polling",
     "peer",
     "single",
@@ -85,6 +86,9 @@ def _scenario(
         "throughput-scaled": lambda: throughput(dbs, workdir, options.jobs, 2),
         "throughput-gcp": lambda: throughput_gcp(dbs, workdir, options.gcp_jobs),
         "concurrency": lambda: concurrency(dbs, workdir, options.concurrency_jobs, options.delay),
+        "concurrency-scaled": lambda: concurrency(
+            dbs, workdir, options.concurrency_jobs, options.delay, 2
+        ),
         "polling": lambda: polling(
             dbs, workdir, duration=options.polling_seconds, rate=options.polling_rate
         ),
@@ -131,20 +135,23 @@ def _targets(
     if "throughput_vs_ceiling" in ratios:
         value = ratios["throughput_vs_ceiling"]
         check("throughput_vs_ceiling", value, ">= 0.40", value >= 0.40)
-    con = medians.get("concurrency", {})
-    if "makespan_s" in con:
+    for scenario in ("concurrency", "concurrency-scaled"):
+        con = medians.get(scenario, {})
+        if "makespan_s" not in con:
+            continue
+        prefix = scenario.replace("-", "_")
         check(
-            "concurrency_makespan",
+            f"{prefix}_makespan",
             con["makespan_vs_ideal"],
             "<= 2.0 x ideal",
             con["makespan_vs_ideal"] <= 2.0,
         )
-        con_runs = (runs or {}).get("concurrency") or [con]
+        con_runs = (runs or {}).get(scenario) or [con]
         errors = _worst(con_runs, "errors")
         failed = sum("error" in run for run in con_runs)  # a run that did not finish
-        check("concurrency_errors", errors, "0 in every run", errors == 0 and not failed)
+        check(f"{prefix}_errors", errors, "0 in every run", errors == 0 and not failed)
         rss = _worst(con_runs, "peak_rss_mb")
-        check("concurrency_peak_rss_mb", rss, "<= 300 in every run", rss is not None and rss <= 300)
+        check(f"{prefix}_peak_rss_mb", rss, "<= 300 in every run", rss is not None and rss <= 300)
     poll = medians.get("polling", {})
     if "max_requests_per_s" in poll:
         check(
@@ -180,7 +187,7 @@ async def run_bench(options: Options, log: Callable[[str], None] = print) -> dic
                 for name in options.scenarios:
                     if name == "throughput-gcp" and k >= options.gcp_runs:
                         continue
-                    if name == "concurrency" and k >= options.concurrency_runs:
+                    if name.startswith("concurrency") and k >= options.concurrency_runs:
                         continue
                     workdir = Path(tmp) / f"run{k + 1}" / name
                     workdir.mkdir(parents=True)

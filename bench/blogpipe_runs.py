@@ -123,8 +123,12 @@ async def throughput(
     return figures
 
 
-async def concurrency(dbs: Databases, workdir: Path, jobs: int, delay: float) -> dict[str, Any]:
-    """``jobs`` in flight at once with a slow LLM: makespan against 4 × delay."""
+async def concurrency(
+    dbs: Databases, workdir: Path, jobs: int, delay: float, processes: int = 1
+) -> dict[str, Any]:
+    """``jobs`` in flight at once with a slow LLM: makespan against 4 × delay. With
+    ``processes`` > 1, ``blogpipe dev --replicas N`` (RSS is every process's)."""
+    dev_args = ("--replicas", str(processes)) if processes > 1 else ()
     overrides = {
         "BLOGPIPE_OFFLINE_LLM_DELAY": str(delay),
         # Each stage may hold every job at once: the LLM calls are what is slow.
@@ -132,14 +136,12 @@ async def concurrency(dbs: Databases, workdir: Path, jobs: int, delay: float) ->
     }
     async with (
         receiver() as hook,
-        running_blogpipe(dbs, workdir, "concurrency", **overrides) as (
-            child,
-            base,
-        ),
+        running_blogpipe(dbs, workdir, "concurrency", dev_args, **overrides) as (child, base),
     ):
         figures = await run_jobs(base, hook, jobs, concurrency=64, within=max(120.0, jobs / 5))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
+        figures["processes"] = processes
     ideal = 4 * delay
     figures["ideal_s"] = ideal
     figures["makespan_vs_ideal"] = round(figures["makespan_s"] / ideal, 2)

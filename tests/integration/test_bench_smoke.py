@@ -40,11 +40,18 @@ def _peer_unavailable() -> str | None:
 async def test_blogpipe_scenarios_report_figures(tmp_path: Path) -> None:
     output = tmp_path / "latest.json"
     options = Options(
-        scenarios=("ceiling", "throughput", "concurrency", "polling", "single"),
+        scenarios=(
+            "ceiling",
+            "throughput",
+            "concurrency",
+            "concurrency-scaled",
+            "polling",
+            "single",
+        ),
         output=output,
         **SMALL,
     )  # type: ignore[arg-type]
-    document = await asyncio.wait_for(run_bench(options, log=lambda _line: None), 100)
+    document = await asyncio.wait_for(run_bench(options, log=lambda _line: None), 150)
     medians = {name: data["median"] for name, data in document["scenarios"].items()}
     for name, figures in medians.items():
         assert "error" not in figures, (name, figures)
@@ -52,6 +59,8 @@ async def test_blogpipe_scenarios_report_figures(tmp_path: Path) -> None:
     assert medians["throughput"]["completed"] == 4
     assert medians["throughput"]["errors"] == 0
     assert medians["concurrency"]["errors"] == 0
+    assert medians["concurrency-scaled"]["completed"] == 6
+    assert medians["concurrency-scaled"]["processes"] == 2
     assert medians["polling"]["max_requests_per_s"] > 0
     assert medians["polling"]["in_progress_requests_per_s"] > 0
     assert medians["single"]["latency_p50_ms"] > 0
@@ -66,7 +75,7 @@ async def test_celery_peer_reports_figures(tmp_path: Path) -> None:
     if reason:
         pytest.skip(reason)
     options = Options(scenarios=("throughput", "peer"), output=tmp_path / "latest.json", **SMALL)  # type: ignore[arg-type]
-    document = await asyncio.wait_for(run_bench(options, log=lambda _line: None), 100)
+    document = await asyncio.wait_for(run_bench(options, log=lambda _line: None), 150)
     peer = document["scenarios"]["peer"]["median"]
     assert "error" not in peer, peer
     assert peer["completed"] == 4

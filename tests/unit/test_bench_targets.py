@@ -38,3 +38,21 @@ def test_a_run_that_did_not_finish_fails_the_errors_target() -> None:
     }
     assert checks["concurrency_errors"]["value"] == 0
     assert checks["concurrency_errors"]["met"] is False
+
+
+def test_the_scaled_concurrency_scenario_is_checked_against_the_same_bounds_on_its_own() -> None:
+    runs = {
+        "concurrency": [_run(10.0, 200.0), _run(11.0, 210.0)],
+        "concurrency-scaled": [_run(7.6, 290.0), _run(8.0, 296.0)],
+    }
+    checks = _targets({name: _median(r) for name, r in runs.items()}, {}, runs)
+    assert checks["concurrency_makespan"]["met"] is False
+    assert checks["concurrency_peak_rss_mb"]["met"] is True
+    assert checks["concurrency_scaled_makespan"]["value"] == 1.95
+    assert checks["concurrency_scaled_makespan"]["met"] is True
+    assert checks["concurrency_scaled_peak_rss_mb"]["value"] == 296.0
+    assert checks["concurrency_scaled_errors"] == {
+        "value": 0,
+        "target": "0 in every run",
+        "met": True,
+    }
