@@ -405,6 +405,12 @@ class MarkdownDoc:
         """The plain text in lower case, for phrase counts."""
         return self.plain_text.lower()
 
+    def forget_lines(self) -> None:
+        """Drop the per-line view: the largest of the derived values (a tuple for each
+        line) and the cheapest to derive again (about 16 µs an article). For a document
+        kept through a long wait, such as an LLM call, with thousands waiting at once."""
+        self.__dict__.pop("lines", None)
+
     def phrase_count(self, phrase: str) -> int:
         """Case-insensitive whole-word occurrences of ``phrase`` in the plain text."""
         count = self._phrase_counts.get(phrase)

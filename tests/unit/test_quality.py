@@ -11,6 +11,7 @@ from core.requests import BlogRequest, Length
 from core.settings import Settings
 from stages.article import compose_article
 from stages.inline import run_inline
+from stages.markdown_doc import MarkdownDoc
 from stages.models import SeoCopy
 from stages.quality import check_keywords, check_readability
 from stages.research import NO_SEARCH_WARNING
@@ -441,3 +442,23 @@ def test_a_heading_is_read_as_the_heading_regex_reads_it() -> None:
         match = _HEADING.match(line)
         expected = (len(match.group(1)), match.group(2)) if match else None
         assert _heading(line) == expected, repr(line)
+
+
+def test_a_document_that_forgot_its_lines_derives_the_same_values_again() -> None:
+    markdown = (
+        "# Title\n\nIntro with a [link](/a) [1].\n\n## Part\n\n| a | b |\n|---|---|\n"
+        "| 1 | 2 |\n\n- one\n- two\n\n```\n# not a heading\n```\n\nLast words here.\n"
+    )
+    fresh = MarkdownDoc(markdown)
+    kept = MarkdownDoc(markdown)
+    headings, paragraphs = kept.headings, kept.paragraphs
+    kept.forget_lines()
+    assert "lines" not in vars(kept)
+    assert kept.headings is headings and kept.paragraphs is paragraphs
+    assert (kept.lines, kept.links, kept.has_table, kept.has_list) == (
+        fresh.lines,
+        fresh.links,
+        fresh.has_table,
+        fresh.has_list,
+    )
+    assert (kept.plain_text, kept.word_count) == (fresh.plain_text, fresh.word_count)
