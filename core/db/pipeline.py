@@ -395,11 +395,7 @@ class PipelineStore:
                 ack=delivery,
             )
         else:
-            # Encoded now: a job's result waits here, under load with hundreds of others,
-            # for its batch to be sent, and its JSON is about a third of the parsed dict.
-            values["result"] = JsonText(
-                _json_bytes(self._result(claim, outcome, finalize)).decode()
-            )
+            values["result"] = self._result(claim, outcome, finalize)
             topic = EVENTS_TOPIC
             message = JobEvent(
                 str(uuid.uuid4()), "job.completed", claim.job_id, claim.generation, _now()
