@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -242,7 +243,7 @@ class Notifier:
                 extra=self._extra("webhook_queued", stored),
             )
             if claimed is not None:
-                task = asyncio.create_task(self._attempt_logged(claimed))
+                task = asyncio.create_task(self._attempt_logged(_sending_body_only(claimed)))
                 self._first_attempts.add(task)
                 task.add_done_callback(self._first_attempts.discard)
             elif stored.status == PENDING:
@@ -445,3 +446,12 @@ class Notifier:
             "attempt": delivery.attempt_count,
             "trigger": delivery.trigger,
         }
+
+
+def _sending_body_only(claimed: ClaimedDelivery) -> ClaimedDelivery:
+    """A first attempt that sends the body encoded for it keeps that body, not also the
+    payload it was encoded from: the job's whole document, result included, parsed (tens
+    of KB), and up to ``WEBHOOK_MAX_IN_FLIGHT`` first attempts wait on their POSTs at once."""
+    if claimed.body is None:
+        return claimed
+    return replace(claimed, delivery=replace(claimed.delivery, payload={}))
