@@ -242,6 +242,8 @@ def _summary(figures: dict[str, Any]) -> str:
         "makespan_s",
         "errors",
         "peak_rss_mb",
+        "cpu_ms_per_job",
+        "postgres_cpu_ms_per_job",
         "max_requests_per_s",
         "rate_p99_ms",
         "in_progress_requests_per_s",

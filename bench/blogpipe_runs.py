@@ -15,6 +15,7 @@ from bench.infra import (
     WEBHOOK_SECRET,
     BenchError,
     Child,
+    CpuMeter,
     Databases,
     free_port,
     python,
@@ -116,7 +117,9 @@ async def throughput(
         running_blogpipe(dbs, workdir, "throughput", dev_args, **overrides) as (child, base),
     ):
         await run_jobs(base, hook, WARMUP_JOBS, within=60)
+        meter = CpuMeter(child.children)
         figures = await run_jobs(base, hook, jobs, within=max(120.0, jobs / 5))
+        figures.update(meter.per_job(jobs))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
         figures["processes"] = processes
@@ -138,7 +141,9 @@ async def concurrency(
         receiver() as hook,
         running_blogpipe(dbs, workdir, "concurrency", dev_args, **overrides) as (child, base),
     ):
+        meter = CpuMeter(child.children)
         figures = await run_jobs(base, hook, jobs, concurrency=64, within=max(120.0, jobs / 5))
+        figures.update(meter.per_job(jobs))
         child.check_alive()
         figures["peak_rss_mb"] = round(child.peak_rss / 2**20, 1)
         figures["processes"] = processes

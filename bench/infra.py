@@ -143,6 +143,20 @@ class Child:
         except psutil.Error:
             return 0
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the process and its live descendants, in seconds."""
+        total = 0.0
+        try:
+            root = psutil.Process(self.process.pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return total
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
     def start_sampling(self, interval: float = 0.1) -> None:
         async def sample() -> None:
             while True:
@@ -225,3 +239,47 @@ async def machine_info(db_url: str) -> dict[str, object]:
         "postgres_source": "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded",
         "platform": platform.platform(),
     }
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU time of the PostgreSQL server processes on this machine (the server, its
+    backends and workers), or None where none can be read (a remote server)."""
+    total, seen = 0.0, False
+    for process in psutil.process_iter(["name"]):
+        name = process.info.get("name") or ""
+        if not name.startswith("postgres"):
+            continue
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+            seen = True
+    return total if seen else None
+
+
+class CpuMeter:
+    """CPU per job over a stretch of a scenario: the blogpipe processes, PostgreSQL (when it
+    runs here) and the harness itself (submitting, receiving webhooks)."""
+
+    def __init__(self, processes: Sequence[Child]) -> None:
+        self.processes = processes
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float | None, float]:
+        ours = sum(child.cpu_seconds() for child in self.processes)
+        harness = psutil.Process().cpu_times()
+        return ours, postgres_cpu_seconds(), harness.user + harness.system
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        """Milliseconds of CPU per job since this meter was made."""
+        end = self._read()
+        ours, server, harness = (
+            (b - a) if a is not None and b is not None else None
+            for a, b in zip(self._start, end, strict=True)
+        )
+        figures = {
+            "cpu_ms_per_job": round(1000 * (ours or 0.0) / max(jobs, 1), 2),
+            "harness_cpu_ms_per_job": round(1000 * (harness or 0.0) / max(jobs, 1), 2),
+        }
+        if server is not None:
+            figures["postgres_cpu_ms_per_job"] = round(1000 * server / max(jobs, 1), 2)
+        return figures

@@ -61,6 +61,10 @@ async def test_blogpipe_scenarios_report_figures(tmp_path: Path) -> None:
     assert medians["concurrency"]["errors"] == 0
     assert medians["concurrency-scaled"]["completed"] == 6
     assert medians["concurrency-scaled"]["processes"] == 2
+    for name in ("throughput", "concurrency", "concurrency-scaled"):
+        assert medians[name]["cpu_ms_per_job"] > 0, name
+        assert medians[name]["harness_cpu_ms_per_job"] > 0, name
+        assert medians[name].get("postgres_cpu_ms_per_job", 1) > 0, name
     assert medians["polling"]["max_requests_per_s"] > 0
     assert medians["polling"]["in_progress_requests_per_s"] > 0
     assert medians["single"]["latency_p50_ms"] > 0
