@@ -271,15 +271,15 @@ class CpuMeter:
 
     def per_job(self, jobs: int) -> dict[str, float]:
         """Milliseconds of CPU per job since this meter was made."""
-        end = self._read()
-        ours, server, harness = (
-            (b - a) if a is not None and b is not None else None
-            for a, b in zip(self._start, end, strict=True)
-        )
+        (ours, server, harness), (ours_0, server_0, harness_0) = self._read(), self._start
+
+        def per_job(seconds: float) -> float:
+            return round(1000 * seconds / max(jobs, 1), 2)
+
         figures = {
-            "cpu_ms_per_job": round(1000 * (ours or 0.0) / max(jobs, 1), 2),
-            "harness_cpu_ms_per_job": round(1000 * (harness or 0.0) / max(jobs, 1), 2),
+            "cpu_ms_per_job": per_job(ours - ours_0),
+            "harness_cpu_ms_per_job": per_job(harness - harness_0),
         }
-        if server is not None:
-            figures["postgres_cpu_ms_per_job"] = round(1000 * server / max(jobs, 1), 2)
+        if server is not None and server_0 is not None:
+            figures["postgres_cpu_ms_per_job"] = per_job(server - server_0)
         return figures

@@ -92,9 +92,7 @@ class StoredOutputs(Mapping[str, dict[str, Any]]):
 
 
 def _json_bytes(value: Any) -> bytes:
-    """``value`` as the JSON the database was sent (``JsonText`` is that already)."""
-    if type(value) is JsonText:
-        return value.encode()
+    """``value`` as JSON, encoded as the database's codec encodes it."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
@@ -224,9 +222,9 @@ class PipelineStore:
 
         return self._sql.start_claim, extra, build
 
-    def _open_after(self, finished: Claim, values: dict[str, Any]) -> Opening | None:
+    def _open_after(self, finished: Claim, output: bytes) -> Opening | None:
         """``complete_claim``: the hand-off also opens the next stage's run, whose claim is
-        built from ``finished``'s (see ``_can_open_next``)."""
+        built from ``finished``'s and its ``output`` as sent (see ``_can_open_next``)."""
         if not _can_open_next(finished):
             return None
         following = str(next_stage(finished.stage))
@@ -238,7 +236,7 @@ class PipelineStore:
         }
 
         def build(row: Any, values: Mapping[str, Any]) -> Claim:
-            return _next_claim(finished, values, int(row["next_run_id"]))
+            return _next_claim(finished, output, values, int(row["next_run_id"]))
 
         return self._sql.complete_claim, extra, build
 
@@ -366,12 +364,13 @@ class PipelineStore:
         (it waits for a concurrent replay or cancel and sees its result), the run, the
         progress event and the next message follow from it.
         """
+        # Encoded once: for the database and, as the next stage's input, for its claim.
+        output = _json_bytes(outcome.output)
         values: dict[str, Any] = {
             "job": claim.job_id,
             "generation": claim.generation,
             "run": claim.run_id,
-            # Encoded once: for the database and, as the next stage's input, for its claim.
-            "output": JsonText(_json_bytes(outcome.output).decode()),
+            "output": JsonText(output.decode()),
             "provider": outcome.provider,
             "model": outcome.model,
             "pt": outcome.prompt_tokens,
@@ -391,7 +390,7 @@ class PipelineStore:
                 values,
                 topic,
                 message,
-                lambda v: self._open_after(claim, v),
+                lambda _: self._open_after(claim, output),
                 ack=delivery,
             )
         else:
@@ -516,9 +515,9 @@ def _can_open_next(finished: Claim) -> bool:
     return set(finished.usage) == set(STAGES[: STAGES.index(finished.stage)])
 
 
-def _next_claim(finished: Claim, values: Mapping[str, Any], run_id: int) -> Claim:
+def _next_claim(finished: Claim, output: bytes, values: Mapping[str, Any], run_id: int) -> Claim:
     """The claim of the run ``complete_claim`` opened after ``finished``: what a claim
-    would have read. The finished stage's output is kept as the JSON sent to the
+    would have read. The finished stage's ``output`` is kept as the JSON sent to the
     database, so the next stage sees the same shapes a claim from the database gives."""
     usage = {
         "provider": values["provider"],
@@ -532,7 +531,7 @@ def _next_claim(finished: Claim, values: Mapping[str, Any], run_id: int) -> Clai
         run_id=run_id,
         attempt=1,
         request=finished.request,
-        outputs=finished.outputs.with_output(finished.stage, _json_bytes(values["output"])),
+        outputs=finished.outputs.with_output(finished.stage, output),
         started_at=finished.started_at,
         usage={**finished.usage, finished.stage: usage},
     )
