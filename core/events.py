@@ -8,6 +8,7 @@ from uuid import UUID
 
 import orjson
 
+from core import jsonbytes
 from core.broker import Message
 
 
@@ -21,7 +22,7 @@ class StageMessage:
 
     def to_message(self) -> Message:
         body = {"job_id": str(self.job_id), "stage": self.stage, "generation": self.generation}
-        return Message(data=orjson.dumps(body), attributes={"stage": self.stage})
+        return Message(data=jsonbytes.dumps(body), attributes={"stage": self.stage})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StageMessage:
@@ -52,7 +53,7 @@ class JobEvent:
             "generation": self.generation,
             "occurred_at": self.occurred_at.isoformat(),
         }
-        return Message(data=orjson.dumps(body), attributes={"type": self.type})
+        return Message(data=jsonbytes.dumps(body), attributes={"type": self.type})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JobEvent:

@@ -27,6 +27,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import jsonbytes
 from core.broker import Delivery, Message
 from core.constants import (
     EVENTS_TOPIC,
@@ -92,8 +93,9 @@ class StoredOutputs(Mapping[str, dict[str, Any]]):
 
 
 def _json_bytes(value: Any) -> bytes:
-    """``value`` as JSON, encoded as the database's codec encodes it."""
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    """``value`` as JSON, encoded as the database's codec encodes it, right-sized: a
+    claim keeps it for as long as the stage runs."""
+    return jsonbytes.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import jsonbytes
 from core.db.raw import read_on_live_connection
 
 CACHED_STATUS = "completed"
@@ -157,7 +158,11 @@ class PollReads:
             answers[job_id] = Polled(row["tenant"], body)
             self._forget(job_id)
             if row["status"] == CACHED_STATUS:
-                self._keep(job_id, _Kept(row["tenant"], row["updated_at"], row["generation"], body))
+                # Kept: in a buffer of its length, so the byte budget is what it holds.
+                sized = jsonbytes.right_sized(body)
+                self._keep(
+                    job_id, _Kept(row["tenant"], row["updated_at"], row["generation"], sized)
+                )
         for job_id in ids:
             if job_id not in answers:
                 self._forget(job_id)  # deleted (retention) since it was kept

@@ -313,6 +313,9 @@ async def test_a_completed_jobs_document_is_kept_and_checked_on_every_poll(
     assert first is not None and second == first
     assert jobs._polls.hits == 1 and jobs._polls.kept == 1
     assert orjson.loads(second) == as_json(await jobs.status_document(job_id))
+    # Kept as a copy sized to its length (test_jsonbytes), so the byte budget is what the
+    # cache holds; the poll that read it answered with orjson's own buffer.
+    assert jobs._polls._kept[job_id].body == first and jobs._polls._kept[job_id].body is not first
 
     # Replayed: the row changes, so the kept document is dropped and read again.
     await set_state(engine, job_id, "processing")
