@@ -39,7 +39,7 @@ from core.constants import (
     stage_topic,
 )
 from core.db import pipeline_sql as sql
-from core.db.raw import JsonText, read_on_live_connection
+from core.db.raw import EncodedJson, read_on_live_connection
 from core.db.statements import Statement
 from core.dispatch import Dispatcher
 from core.events import JobEvent, StageMessage
@@ -372,7 +372,7 @@ class PipelineStore:
             "job": claim.job_id,
             "generation": claim.generation,
             "run": claim.run_id,
-            "output": JsonText(output.decode()),
+            "output": EncodedJson(output),
             "provider": outcome.provider,
             "model": outcome.model,
             "pt": outcome.prompt_tokens,

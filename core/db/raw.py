@@ -9,8 +9,8 @@ leasing broker messages — use this pool; everything else stays on SQLAlchemy.
 asyncpg prepares and caches each statement per connection. A statement runs in
 autocommit unless the caller opens ``conn.transaction()``; one statement (CTEs and
 all) is atomic on its own. JSON and JSONB go in and out through orjson, as on the
-engine. The pool is created on first use, one per engine, and closed with the engine
-(``core.db.engine.Engine.dispose``).
+engine, in the binary format (UTF-8 bytes both ways). The pool is created on first use,
+one per engine, and closed with the engine (``core.db.engine.Engine.dispose``).
 
 Behind PgBouncer in transaction mode, enable its prepared-statement support
 (``max_prepared_statements``, PgBouncer 1.21+): see the README.
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -36,22 +37,42 @@ _pools: weakref.WeakKeyDictionary[Any, asyncpg.Pool] = weakref.WeakKeyDictionary
 _locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
-class JsonText(str):
-    """JSON already encoded: the json and jsonb codecs send it as it is, so a caller that
-    encoded a large document for another use (a webhook body) does not encode it twice."""
+@dataclass(frozen=True, slots=True)
+class EncodedJson:
+    """JSON already encoded (UTF-8): the json and jsonb codecs send ``data`` as it is, so
+    a caller that encoded a document for another use (the next stage's claim, a webhook
+    body) neither encodes it twice nor keeps it as a ``str``, which takes two bytes a
+    character once one character is outside Latin-1 (a dash, an ellipsis)."""
 
-    __slots__ = ()
+    data: bytes
 
 
-def _dumps(value: Any) -> str:
-    if type(value) is JsonText:
-        return value
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+def _json(value: Any) -> bytes:
+    if type(value) is EncodedJson:
+        return value.data
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _jsonb(value: Any) -> bytes:
+    # jsonb's binary form is a version byte (1) and the JSON text.
+    return _JSONB_VERSION + _json(value)
+
+
+def _from_jsonb(data: bytes) -> Any:
+    if data[:1] != _JSONB_VERSION:
+        raise ValueError(f"unsupported jsonb format version {data[:1]!r}")
+    return orjson.loads(memoryview(data)[1:])
+
+
+_JSONB_VERSION = b"\x01"
 
 
 async def _init(conn: asyncpg.Connection) -> None:
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+    # Binary: values go out and come back as UTF-8 bytes, not as str in between.
+    for name, encoder, decoder in (("json", _json, orjson.loads), ("jsonb", _jsonb, _from_jsonb)):
+        await conn.set_type_codec(
+            name, encoder=encoder, decoder=decoder, schema="pg_catalog", format="binary"
+        )
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import webhook_sql as sql
 from core.db.jobs import JobRecord
-from core.db.raw import JsonText, raw_connection
+from core.db.raw import EncodedJson, raw_connection
 from core.db.webhook_records import (
     EXCERPT_LIMIT,
     FAILED,
@@ -134,7 +134,7 @@ class DeliveryRepository:
             event_id=new.event_id,
             event_type=new.event_type,
             url=new.url,
-            payload=new.payload if new.body is None else JsonText(new.body),
+            payload=new.payload if new.body is None else EncodedJson(new.body.encode()),
             occurred_at=new.occurred_at,
             send_now=send_now,
             lease=float(lease_seconds),

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 import orjson
 import pytest
 
-from core.db.raw import JsonText, _dumps
+from core.db.raw import EncodedJson, _from_jsonb, _json, _jsonb
 from core.settings import DEFAULT_WEBHOOK_RETRY_SCHEDULE
 from notifier.payload import (
     MAX_PAYLOAD_BYTES,
@@ -150,7 +150,11 @@ def test_the_body_is_the_payload_encoded_as_sent(content: str) -> None:
     assert len(body.encode()) <= MAX_PAYLOAD_BYTES
 
 
-def test_json_text_goes_to_the_database_as_it_is() -> None:
-    assert _dumps(JsonText('{"a": [1, 2]}')) == '{"a": [1, 2]}'
-    assert _dumps('{"a": 1}') == '"{\\"a\\": 1}"'  # a plain string is a JSON string
-    assert _dumps({"a": 1}) == '{"a":1}'
+def test_encoded_json_goes_to_the_database_as_it_is() -> None:
+    assert _json(EncodedJson(b'{"a": [1, 2]}')) == b'{"a": [1, 2]}'
+    assert _json('{"a": 1}') == b'"{\\"a\\": 1}"'  # a plain string is a JSON string
+    assert _json({"a": 1}) == b'{"a":1}'
+    assert _jsonb(EncodedJson(b'{"a": "\xe2\x80\x94"}')) == b'\x01{"a": "\xe2\x80\x94"}'
+    assert _from_jsonb(b'\x01{"a": "\xe2\x80\x94"}') == {"a": "\u2014"}
+    with pytest.raises(ValueError, match="jsonb format version"):
+        _from_jsonb(b'\x02{"a": 1}')
