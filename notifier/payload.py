@@ -8,6 +8,8 @@ from uuid import UUID
 
 import orjson
 
+from core import jsonbytes
+
 MAX_PAYLOAD_BYTES: Final = 16 * 1024
 _ERROR_LIMIT: Final = 2000
 
@@ -24,16 +26,17 @@ def build_payload(
     *,
     public_base_url: str | None,
     limit: int = MAX_PAYLOAD_BYTES,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any], bytes]:
     """The payload for a job event and its body (``encode_body`` of it); a result that
     would push it past ``limit`` bytes is replaced by ``result_url`` (and, if still too
     big, the progress history is dropped). A payload that fits is encoded once, for the
-    size check, the store and the first attempt."""
+    size check, the store and the first attempt, and kept as UTF-8 bytes until it is sent
+    (as a ``str`` it would take two bytes a character once one is outside Latin-1)."""
     data = dict(document)
     payload = {"type": event_type, "timestamp": iso_utc(occurred_at), "data": data}
     body = orjson.dumps(payload)  # already in encode_body's order
     if len(body) <= limit:
-        return payload, body.decode()
+        return payload, jsonbytes.right_sized(body)
     data["result"] = None
     data["result_omitted"] = True
     data["result_url"] = job_url(public_base_url, data.get("job_id", ""))
@@ -56,11 +59,12 @@ def ping_payload(now: datetime | None = None) -> dict[str, Any]:
     }
 
 
-def encode_body(payload: dict[str, Any]) -> str:
-    """The exact body that is signed and sent: type, timestamp, data first, compact JSON."""
+def encode_body(payload: dict[str, Any]) -> bytes:
+    """The exact body that is signed and sent: type, timestamp, data first, compact JSON
+    in UTF-8."""
     ordered: dict[str, Any] = {k: payload[k] for k in ("type", "timestamp", "data") if k in payload}
     ordered.update(payload)
-    return orjson.dumps(ordered).decode()
+    return jsonbytes.dumps(ordered)
 
 
 def iso_utc(value: datetime) -> str:

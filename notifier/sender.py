@@ -90,7 +90,7 @@ class WebhookSender:
         self.allow = AllowList.parse(allowed_hosts)
         self.resolver = resolver
 
-    async def post(self, url: str, body: str, headers: Mapping[str, str]) -> SendResult:
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
         """POST ``body`` to ``url``; never raises for network or HTTP trouble."""
         started = time.perf_counter()
 
@@ -133,7 +133,7 @@ class WebhookSender:
         self,
         target: ResolvedTarget,
         address: str,
-        body: str,
+        body: bytes,
         headers: Mapping[str, str],
         started: float,
     ) -> SendResult:
@@ -146,7 +146,7 @@ class WebhookSender:
             host=target.host,
             host_header=target.host_header,
             target=path,
-            body=body.encode(),
+            body=body,
             headers={"content-type": "application/json", "user-agent": USER_AGENT, **headers},
             excerpt_limit=EXCERPT_LIMIT,
         )

@@ -61,13 +61,15 @@ class Signer:
         )
         return Signer.from_secrets(secret, [previous] if still_active and previous else [])
 
-    def signature(self, msg_id: str, timestamp: datetime, body: str) -> str:
-        """The ``webhook-signature`` value: one ``v1,<base64>`` per secret, space-separated."""
+    def signature(self, msg_id: str, timestamp: datetime, body: bytes) -> str:
+        """The ``webhook-signature`` value: one ``v1,<base64>`` per secret, space-separated,
+        over ``body`` as sent (UTF-8)."""
         when = utc(timestamp)
-        return " ".join(key.sign(msg_id, when, body) for key in self._keys)
+        text = body.decode()  # the package signs text (and encodes it back to UTF-8)
+        return " ".join(key.sign(msg_id, when, text) for key in self._keys)
 
     def headers(
-        self, msg_id: str, body: str, *, timestamp: datetime | None = None
+        self, msg_id: str, body: bytes, *, timestamp: datetime | None = None
     ) -> dict[str, str]:
         """The three Standard Webhooks headers for one attempt (timestamp defaults to now)."""
         when = utc(timestamp or datetime.now(UTC))

@@ -163,7 +163,7 @@ class ClaimedDelivery:
 
     delivery: WebhookDelivery
     secrets: EndpointSecrets | None
-    body: str | None = None
+    body: bytes | None = None
     """The body to send when the caller already encoded it (``NewDelivery.body``)."""
 
 
@@ -209,7 +209,7 @@ class NewDelivery:
     url: str
     payload: dict[str, Any]
     occurred_at: datetime
-    body: str | None = None
+    body: bytes | None = None
     """``payload`` encoded as it is sent (``notifier.payload.encode_body``), when the caller
     has it: stored as it is and sent on the first attempt without encoding it again."""
 

@@ -134,7 +134,7 @@ class DeliveryRepository:
             event_id=new.event_id,
             event_type=new.event_type,
             url=new.url,
-            payload=new.payload if new.body is None else EncodedJson(new.body.encode()),
+            payload=new.payload if new.body is None else EncodedJson(new.body),
             occurred_at=new.occurred_at,
             send_now=send_now,
             lease=float(lease_seconds),

@@ -163,7 +163,7 @@ async def test_a_body_encoded_by_the_caller_is_stored_as_the_payload_and_sent_fi
     repo = DeliveryRepository(engine)
     plain = await new_delivery(engine)
     payload = {"type": "job.completed", "data": {"title": "Tea \u2615", "n": [1, 2.5, None]}}
-    body = orjson.dumps(payload).decode()
+    body = orjson.dumps(payload)
     new = dataclasses.replace(plain, payload=payload, body=body)
     stored, created, claimed = await asyncio.wait_for(
         repo.create_claimed(new, lease_seconds=30), TIMEOUT

@@ -99,7 +99,7 @@ def test_small_payloads_are_inlined() -> None:
         "timestamp": "2026-01-01T12:00:00Z",
         "data": document,
     }
-    assert encode_body(payload).startswith('{"type":"job.completed","timestamp":')
+    assert encode_body(payload).startswith(b'{"type":"job.completed","timestamp":')
 
 
 def test_large_results_are_referenced_by_url() -> None:
@@ -146,8 +146,8 @@ def test_the_body_is_the_payload_encoded_as_sent(content: str) -> None:
     document = {"job_id": "j1", "status": "completed", "result": {"content": content}}
     at = datetime(2026, 1, 1, 12, tzinfo=UTC)
     payload, body = build_payload("job.completed", at, document, public_base_url=None)
-    assert body == encode_body(payload)
-    assert len(body.encode()) <= MAX_PAYLOAD_BYTES
+    assert body == encode_body(payload) and type(body) is bytes
+    assert len(body) <= MAX_PAYLOAD_BYTES
 
 
 def test_encoded_json_goes_to_the_database_as_it_is() -> None:

@@ -14,7 +14,7 @@ from notifier.signing import Signer
 SECRET = "whsec_plJ3nmyCDGBKInavdOK15jsl"
 MSG_ID = "msg_loFOjxBNrRLzqYUf"
 TIMESTAMP = 1731705121
-BODY = '{"event_type":"ping","data":{"success":true}}'
+BODY = b'{"event_type":"ping","data":{"success":true}}'
 EXPECTED = "v1,rAvfW3dJ/X/qxhsaXPOyyCGmRKsaKWcsNccKXlIktD0="
 OTHER_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -40,6 +40,15 @@ def test_headers_verify_with_standardwebhooks_and_svix() -> None:
     svix.webhooks.Webhook(SECRET).verify(BODY, headers)
 
 
+def test_a_body_beyond_ascii_is_signed_as_the_utf8_bytes_sent() -> None:
+    body = '{"type":"job.completed","data":{"title":"Tea \u2615 \u2014 a guide\u2026"}}'.encode()
+    headers = Signer((SECRET,)).headers(MSG_ID, body)
+    assert (
+        standardwebhooks.Webhook(SECRET).verify(body, headers)["data"]["title"].endswith("\u2026")
+    )
+    svix.webhooks.Webhook(SECRET).verify(body, headers)
+
+
 def test_rotation_signs_with_every_active_secret() -> None:
     headers = Signer.from_secrets(OTHER_SECRET, [SECRET]).headers(MSG_ID, BODY)
     assert len(headers["webhook-signature"].split(" ")) == 2
@@ -50,7 +59,7 @@ def test_rotation_signs_with_every_active_secret() -> None:
 
 def test_tampered_body_fails_verification() -> None:
     headers = Signer((SECRET,)).headers(MSG_ID, BODY)
-    tampered = BODY.replace("true", "false")
+    tampered = BODY.replace(b"true", b"false")
     with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
         standardwebhooks.Webhook(SECRET).verify(tampered, headers)
     with pytest.raises(svix.webhooks.WebhookVerificationError):
