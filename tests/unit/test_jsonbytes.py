@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Callable
+from datetime import UTC, datetime
 from uuid import uuid4
 
 import orjson
@@ -11,6 +12,7 @@ import orjson
 from core import jsonbytes
 from core.db.pipeline import StoredOutputs
 from core.events import StageMessage
+from notifier.payload import build_payload
 
 DRAFT = {"markdown": "# Plants\n\n" + "Leaves turn to the light — slowly. " * 30, "word_count": 180}
 
@@ -52,3 +54,15 @@ def test_a_claims_outputs_and_a_stage_message_are_kept_right_sized() -> None:
     assert StageMessage.from_bytes(message.data) == StageMessage(job_id, "draft", 1)
     # A 70-byte message, not a 4 KB buffer.
     assert _held_per_object(lambda: StageMessage(job_id, "draft", 1).to_message().data) < 400
+
+
+def test_a_webhook_body_is_kept_as_utf8_bytes_of_its_length() -> None:
+    document = {"job_id": "j1", "status": "completed", "result": DRAFT}
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    _, body = build_payload("job.completed", at, document, public_base_url=None)
+    assert type(body) is bytes and "\u2014".encode() in body
+    held = _held_per_object(
+        lambda: build_payload("job.completed", at, document, public_base_url=None)[1], count=50
+    )
+    # Not orjson's 2 KB-rounded buffer, nor a str of two bytes a character.
+    assert held < len(body) + 200
