@@ -47,6 +47,10 @@ class EncodedJson:
     data: bytes
 
 
+_JSONB_VERSION = b"\x01"
+"""jsonb's binary form: this version byte, then the JSON text."""
+
+
 def _json(value: Any) -> bytes:
     if type(value) is EncodedJson:
         return value.data
@@ -54,7 +58,6 @@ def _json(value: Any) -> bytes:
 
 
 def _jsonb(value: Any) -> bytes:
-    # jsonb's binary form is a version byte (1) and the JSON text.
     return _JSONB_VERSION + _json(value)
 
 
@@ -62,9 +65,6 @@ def _from_jsonb(data: bytes) -> Any:
     if data[:1] != _JSONB_VERSION:
         raise ValueError(f"unsupported jsonb format version {data[:1]!r}")
     return orjson.loads(memoryview(data)[1:])
-
-
-_JSONB_VERSION = b"\x01"
 
 
 async def _init(conn: asyncpg.Connection) -> None:
