@@ -6,11 +6,18 @@ import asyncio
 import threading
 
 import asyncpg
+import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.engine import create_engine
-from core.db.raw import CONNECTION_LOST, hot_pool, raw_connection, read_on_live_connection
+from core.db.raw import (
+    CONNECTION_LOST,
+    EncodedJson,
+    hot_pool,
+    raw_connection,
+    read_on_live_connection,
+)
 from tests.support.waiting import wait_for
 
 
@@ -20,6 +27,27 @@ async def test_json_goes_through_orjson_both_ways(engine: AsyncEngine) -> None:
             conn.fetchval("SELECT $1::jsonb || '{\"b\": 2}'::jsonb", {"a": [1, "x"]}), 5
         )
     assert value == {"a": [1, "x"], "b": 2}
+
+
+async def test_json_and_jsonb_travel_as_utf8_bytes_both_ways(engine: AsyncEngine) -> None:
+    document = {"title": "Tea \u2615 \u2014 a guide\u2026", "n": [1, 2.5, None]}
+    encoded = EncodedJson(orjson.dumps(document))
+    async with raw_connection(engine) as conn:
+        row = await asyncio.wait_for(
+            conn.fetchrow(
+                "SELECT $1::jsonb AS b, $2::json AS j, $3::jsonb AS e, $4::json AS ej,"
+                " ($3::jsonb ->> 'title') AS title, '{\"k\": \"\u00e9\"}'::json AS literal",
+                document,
+                document,
+                encoded,
+                encoded,
+            ),
+            5,
+        )
+    assert row is not None
+    assert row["b"] == row["j"] == row["e"] == row["ej"] == document
+    assert row["title"] == document["title"]  # stored as text, not as escaped bytes
+    assert row["literal"] == {"k": "\u00e9"}
 
 
 async def test_an_abandoned_transaction_is_rolled_back_on_release(engine: AsyncEngine) -> None:
