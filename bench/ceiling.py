@@ -33,7 +33,7 @@ _SUBSCRIPTIONS = """INSERT INTO broker_subscriptions (name, topic) VALUES ($1, $
 ON CONFLICT (name) DO NOTHING"""
 _LOCK = "SELECT status, generation FROM jobs WHERE id = $1 FOR UPDATE"
 _OUTPUT = """INSERT INTO stage_runs (job_id, stage, generation, attempt, status, output,
-    finished_at) VALUES ($1, $2, 1, 1, 'succeeded', $3::jsonb, now())"""
+    finished_at) VALUES ($1, $2, 1, 1, 'succeeded', $3::json, now())"""
 _PROGRESS = """UPDATE jobs SET status = $3, progress_percentage = $2, current_stage = $4,
     updated_at = now() WHERE id = $1"""
 _EVENT = """INSERT INTO job_events (job_id, generation, stage, stage_number, total_stages,

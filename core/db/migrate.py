@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
-HEAD_REVISION = "0008_broker_notify_available"
+HEAD_REVISION = "0009_documents_as_json"
 """The newest migration's revision (a test checks it is alembic's head)."""
 
 

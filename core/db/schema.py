@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import JSON, JSONB, UUID
 
 metadata = MetaData()
 
@@ -44,7 +44,8 @@ jobs = Table(
     Column("progress_percentage", Float, nullable=False, server_default="0"),
     Column("generation", Integer, nullable=False, server_default="1"),
     Column("request", JSONB, nullable=False),
-    Column("result", JSONB),
+    # Documents written once and read whole are json: kept as sent, not parsed (0009).
+    Column("result", JSON),
     Column("error_message", Text),
     Column("error", JSONB),
     Column("callback_url", Text),
@@ -77,7 +78,7 @@ stage_runs = Table(
     Column("generation", Integer, nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("status", Text, nullable=False),
-    Column("output", JSONB),
+    Column("output", JSON),
     Column("error", Text),
     Column("error_type", Text),
     Column("provider", Text),
@@ -145,7 +146,7 @@ webhook_deliveries = Table(
     Column("event_id", Text, nullable=False, unique=True),
     Column("event_type", Text, nullable=False),
     Column("url", Text, nullable=False),
-    Column("payload", JSONB, nullable=False),
+    Column("payload", JSON, nullable=False),
     Column("status", Text, nullable=False),
     Column("attempt_count", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", DateTime(timezone=True)),

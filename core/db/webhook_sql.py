@@ -26,7 +26,7 @@ ENDPOINT_COLUMNS = (
 )
 SECRET_COLUMNS = ("secret", "previous_secret", "previous_secret_expires_at")
 # A new delivery's payload is the one its caller passed in: not read back.
-_INSERTED_COLUMNS = DELIVERY_COLUMNS.replace(" payload,", " NULL::jsonb AS payload,")
+_INSERTED_COLUMNS = DELIVERY_COLUMNS.replace(" payload,", " NULL::json AS payload,")
 assert _INSERTED_COLUMNS != DELIVERY_COLUMNS
 
 # The job an event is about, with everything its status document needs; one row always
@@ -70,7 +70,7 @@ WITH existing AS (
     INSERT INTO webhook_deliveries (id, job_id, tenant, event_id, event_type, url, payload,
         status, attempt_count, next_attempt_at, occurred_at, last_error)
     SELECT :id::uuid, :job_id::uuid, :tenant::text, :event_id::text, :event_type::text,
-        :url::text, :payload::jsonb, status, CASE WHEN status = 'sending' THEN 1 ELSE 0 END,
+        :url::text, :payload::json, status, CASE WHEN status = 'sending' THEN 1 ELSE 0 END,
         CASE WHEN status = 'pending' THEN now()
             WHEN status = 'sending' THEN now() + make_interval(secs => :lease) END,
         :occurred_at::timestamptz,

@@ -365,3 +365,33 @@ async def test_a_start_held_by_a_local_consumer_opens_the_first_stage_run(
         "started",
         "Stage research started (attempt 1)",
     )
+
+
+async def test_a_stage_output_is_stored_as_the_json_text_it_was_sent_as(
+    engine: AsyncEngine,
+) -> None:
+    # Stored as json, not jsonb (0009): PostgreSQL checks the text and keeps it, so the
+    # keys stay in the order the stage wrote them (jsonb would sort them by length) and
+    # the next claim reads the same text back.
+    store = PipelineStore(engine, Dispatcher(engine, PostgresBroker(engine)))
+    job = await JobRepository(engine).create(BlogRequest(topic="A topic", keywords=["k"]))
+    assert await store.start_job(job.id) == "started"
+    claim = await store.claim(StageMessage(job.id, "research", job.generation))
+    assert isinstance(claim, Claim)
+    output = {"summary": "Gifts \u2014 for teens", "angle": "x", "key_points": ["a", "b"]}
+    outcome = StageOutcome(output, "offline", "offline", 10, 20, 0.0)
+    assert await asyncio.wait_for(store.complete(claim, outcome), 10) == "committed"
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                text(
+                    "SELECT output::text AS text, pg_typeof(output)::text AS type"
+                    " FROM stage_runs WHERE stage = 'research'"
+                )
+            )
+        ).one()
+    assert stored.type == "json"
+    assert stored.text == '{"summary":"Gifts \u2014 for teens","angle":"x","key_points":["a","b"]}'
+    following = await store.claim(StageMessage(job.id, "outline", job.generation))
+    assert isinstance(following, Claim)
+    assert list(following.outputs["research"]) == ["summary", "angle", "key_points"]
