@@ -210,3 +210,18 @@ async def test_after_one_dead_connection_the_next_statement_gets_a_live_one(
         assert backend not in backends
     finally:
         await asyncio.wait_for(engine.dispose(), 10)
+
+
+async def test_a_hot_pool_statement_is_planned_once_per_connection(engine: AsyncEngine) -> None:
+    # The generic plan from the first execution on, not five custom plans first.
+    async with raw_connection(engine) as conn:
+        for _ in range(7):
+            await asyncio.wait_for(conn.fetchval("SELECT id FROM jobs WHERE id = $1", None), 5)
+        plans = await asyncio.wait_for(
+            conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement = 'SELECT id FROM jobs WHERE id = $1'"
+            ),
+            5,
+        )
+    assert (plans["generic_plans"], plans["custom_plans"]) == (7, 0)
