@@ -8,6 +8,7 @@ import sys
 import uuid
 
 import asyncpg
+import orjson
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -123,14 +124,7 @@ def test_head_revision_is_the_newest_migration() -> None:
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [HEAD_REVISION]
 
 
-async def test_a_database_at_head_is_not_migrated_again_and_an_empty_one_is(
-    engine: AsyncEngine, database_factory: DatabaseFactory
-) -> None:
-    from core.db.migrate import HEAD_REVISION, current_revision, upgrade_unless_current
-
-    assert await asyncio.wait_for(current_revision(engine), 30) == HEAD_REVISION
-    assert await asyncio.wait_for(upgrade_unless_current(engine), 30) is False
-
+async def _empty_database(database_factory: DatabaseFactory) -> AsyncEngine:
     name = f"bp_t_{uuid.uuid4().hex[:12]}"
     admin = await asyncio.wait_for(
         asyncpg.connect(with_database(database_factory.server_url, "postgres")), 30
@@ -140,9 +134,18 @@ async def test_a_database_at_head_is_not_migrated_again_and_an_empty_one_is(
     finally:
         await asyncio.wait_for(admin.close(), 30)
     database_factory.created.append(name)
-    empty = create_engine(
-        asyncpg_url(with_database(database_factory.server_url, name)), pool_size=1
-    )
+    return create_engine(asyncpg_url(with_database(database_factory.server_url, name)), pool_size=1)
+
+
+async def test_a_database_at_head_is_not_migrated_again_and_an_empty_one_is(
+    engine: AsyncEngine, database_factory: DatabaseFactory
+) -> None:
+    from core.db.migrate import HEAD_REVISION, current_revision, upgrade_unless_current
+
+    assert await asyncio.wait_for(current_revision(engine), 30) == HEAD_REVISION
+    assert await asyncio.wait_for(upgrade_unless_current(engine), 30) is False
+
+    empty = await _empty_database(database_factory)
     try:
         assert await asyncio.wait_for(current_revision(empty), 30) is None
         assert await asyncio.wait_for(upgrade_unless_current(empty), 60) is True
@@ -152,7 +155,86 @@ async def test_a_database_at_head_is_not_migrated_again_and_an_empty_one_is(
             assert tables.scalar_one() is True
     finally:
         await empty.dispose()
-        await database_factory.drop(with_database(database_factory.server_url, name))
+        await database_factory.drop(empty.url.render_as_string(hide_password=False))
+
+
+async def test_documents_survive_the_move_to_json_and_back(
+    database_factory: DatabaseFactory,
+) -> None:
+    """0009 retypes results, outputs and payloads (jsonb -> json) keeping every value and
+    the columns' lz4 compression, and its downgrade turns them back."""
+    from alembic import command
+
+    from core.db.migrate import alembic_config, upgrade
+
+    empty = await _empty_database(database_factory)
+
+    async def downgrade(revision: str) -> None:
+        def run(connection: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+
+        async with empty.begin() as connection:
+            await connection.run_sync(run)
+
+    async def documents() -> list[tuple[str, str, object]]:
+        async with empty.connect() as connection:
+            rows = await connection.exec_driver_sql(
+                "SELECT 'result', pg_typeof(result)::text, result::jsonb FROM jobs"
+                " UNION ALL SELECT 'output', pg_typeof(output)::text, output::jsonb FROM stage_runs"
+                " UNION ALL SELECT 'payload', pg_typeof(payload)::text, payload::jsonb"
+                " FROM webhook_deliveries ORDER BY 1"
+            )
+            return [tuple(row) for row in rows]
+
+    result = {"title": "Gifts \u2014 for teens", "content": "x" * 5000, "n": [1, 2.5, None]}
+    try:
+        await asyncio.wait_for(upgrade(empty, "0008_broker_notify_available"), 60)
+        async with empty.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO jobs (id, status, request, result) VALUES"
+                    " ('00000000-0000-0000-0000-000000000001', 'completed', '{}',"
+                    " CAST(:doc AS jsonb))"
+                ),
+                {"doc": orjson.dumps(result).decode()},
+            )
+            await connection.execute(
+                text(
+                    "INSERT INTO stage_runs (job_id, stage, generation, attempt, status, output)"
+                    " VALUES ('00000000-0000-0000-0000-000000000001', 'seo', 1, 1,"
+                    " 'succeeded', CAST(:doc AS jsonb))"
+                ),
+                {"doc": orjson.dumps(result).decode()},
+            )
+            await connection.execute(
+                text(
+                    "INSERT INTO webhook_deliveries (id, job_id, event_id, event_type, url,"
+                    " payload, status) VALUES (gen_random_uuid(),"
+                    " '00000000-0000-0000-0000-000000000001', 'evt_1', 'job.completed',"
+                    " 'https://example.com/hook', CAST(:doc AS jsonb), 'succeeded')"
+                ),
+                {"doc": orjson.dumps({"data": result}).decode()},
+            )
+        before = await asyncio.wait_for(documents(), 30)
+        assert [kind for _, kind, _ in before] == ["jsonb"] * 3
+
+        await asyncio.wait_for(upgrade(empty), 60)
+        after = await asyncio.wait_for(documents(), 30)
+        assert [kind for _, kind, _ in after] == ["json"] * 3
+        assert [(name, value) for name, _, value in after] == [
+            (name, value) for name, _, value in before
+        ]
+        await test_large_json_columns_use_lz4_when_the_server_has_it(empty)
+
+        await asyncio.wait_for(downgrade("0008_broker_notify_available"), 60)
+        back = await asyncio.wait_for(documents(), 30)
+        assert back == before
+        await test_large_json_columns_use_lz4_when_the_server_has_it(empty)
+    finally:
+        await empty.dispose()
+        await database_factory.drop(empty.url.render_as_string(hide_password=False))
 
 
 OPEN_RUNTIME = """
