@@ -244,6 +244,8 @@ def _summary(figures: dict[str, Any]) -> str:
         "peak_rss_mb",
         "cpu_ms_per_job",
         "postgres_cpu_ms_per_job",
+        "cpu_floor_s",
+        "steal_pct",
         "max_requests_per_s",
         "rate_p99_ms",
         "in_progress_requests_per_s",

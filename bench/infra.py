@@ -256,30 +256,53 @@ def postgres_cpu_seconds() -> float | None:
     return total if seen else None
 
 
+_MACHINE_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """The machine's CPU time so far, summed over its CPUs, and the part of it the
+    hypervisor gave to other guests (steal); None where the kernel does not count steal."""
+    times = psutil.cpu_times()
+    if not hasattr(times, "steal"):
+        return None
+    return sum(getattr(times, name, 0.0) for name in _MACHINE_FIELDS), times.steal
+
+
 class CpuMeter:
     """CPU per job over a stretch of a scenario: the blogpipe processes, PostgreSQL (when it
-    runs here) and the harness itself (submitting, receiving webhooks)."""
+    runs here) and the harness itself (submitting, receiving webhooks); with what that CPU
+    allows at best, and how much of the machine the hypervisor took meanwhile."""
 
     def __init__(self, processes: Sequence[Child]) -> None:
         self.processes = processes
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float | None, float]:
+    def _read(self) -> tuple[float, float | None, float, tuple[float, float] | None]:
         ours = sum(child.cpu_seconds() for child in self.processes)
         harness = psutil.Process().cpu_times()
-        return ours, postgres_cpu_seconds(), harness.user + harness.system
+        return ours, postgres_cpu_seconds(), harness.user + harness.system, machine_cpu_seconds()
 
     def per_job(self, jobs: int) -> dict[str, float]:
-        """Milliseconds of CPU per job since this meter was made."""
-        (ours, server, harness), (ours_0, server_0, harness_0) = self._read(), self._start
+        """Milliseconds of CPU per job since this meter was made, and for that stretch:
+        ``cpu_floor_s``, the CPU it used (ours, PostgreSQL's when local, the harness's)
+        spread over every core, which no schedule could beat; ``steal_pct``, the share of
+        the machine's CPU time taken by the hypervisor for other guests (Linux)."""
+        (ours, server, harness, machine) = self._read()
+        (ours_0, server_0, harness_0, machine_0) = self._start
 
         def per_job(seconds: float) -> float:
             return round(1000 * seconds / max(jobs, 1), 2)
 
+        used = (ours - ours_0) + (harness - harness_0)
         figures = {
             "cpu_ms_per_job": per_job(ours - ours_0),
             "harness_cpu_ms_per_job": per_job(harness - harness_0),
         }
         if server is not None and server_0 is not None:
             figures["postgres_cpu_ms_per_job"] = per_job(server - server_0)
+            used += server - server_0
+        figures["cpu_floor_s"] = round(used / len(os.sched_getaffinity(0)), 2)
+        if machine is not None and machine_0 is not None and machine[0] > machine_0[0]:
+            stolen = machine[1] - machine_0[1]
+            figures["steal_pct"] = round(100 * stolen / (machine[0] - machine_0[0]), 1)
         return figures

@@ -65,6 +65,9 @@ async def test_blogpipe_scenarios_report_figures(tmp_path: Path) -> None:
         assert medians[name]["cpu_ms_per_job"] > 0, name
         assert medians[name]["harness_cpu_ms_per_job"] > 0, name
         assert medians[name].get("postgres_cpu_ms_per_job", 1) > 0, name
+        # The CPU the stretch used, over the cores, cannot exceed the time it took.
+        assert 0 < medians[name]["cpu_floor_s"] <= medians[name]["makespan_s"] + 0.5, name
+        assert 0 <= medians[name].get("steal_pct", 0) <= 100, name
     assert medians["polling"]["max_requests_per_s"] > 0
     assert medians["polling"]["in_progress_requests_per_s"] > 0
     assert medians["single"]["latency_p50_ms"] > 0
