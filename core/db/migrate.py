@@ -36,13 +36,21 @@ def alembic_config(url: str | None = None) -> Config:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the database at ``engine`` up to ``revision``."""
+    await _migrate(engine, "upgrade", revision)
 
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Take the database at ``engine`` back down to ``revision``."""
+    await _migrate(engine, "downgrade", revision)
+
+
+async def _migrate(engine: AsyncEngine, direction: str, revision: str) -> None:
     from alembic import command
 
     def run(connection: Connection) -> None:
         config = alembic_config()
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        getattr(command, direction)(config, revision)
 
     async with engine.begin() as connection:
         await connection.run_sync(run)

@@ -163,20 +163,9 @@ async def test_documents_survive_the_move_to_json_and_back(
 ) -> None:
     """0009 retypes results, outputs and payloads (jsonb -> json) keeping every value and
     the columns' lz4 compression, and its downgrade turns them back."""
-    from alembic import command
-
-    from core.db.migrate import alembic_config, upgrade
+    from core.db.migrate import downgrade, upgrade
 
     empty = await _empty_database(database_factory)
-
-    async def downgrade(revision: str) -> None:
-        def run(connection: Connection) -> None:
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.downgrade(config, revision)
-
-        async with empty.begin() as connection:
-            await connection.run_sync(run)
 
     async def documents() -> list[tuple[str, str, object]]:
         async with empty.connect() as connection:
@@ -191,32 +180,27 @@ async def test_documents_survive_the_move_to_json_and_back(
     result = {"title": "Gifts \u2014 for teens", "content": "x" * 5000, "n": [1, 2.5, None]}
     try:
         await asyncio.wait_for(upgrade(empty, "0008_broker_notify_available"), 60)
+        job = "'00000000-0000-0000-0000-000000000001'"
+        rows = (
+            ("jobs (id, status, request, result)", f"{job}, 'completed', '{{}}'", result),
+            (
+                "stage_runs (job_id, stage, generation, attempt, status, output)",
+                f"{job}, 'seo', 1, 1, 'succeeded'",
+                result,
+            ),
+            (
+                "webhook_deliveries (job_id, id, event_id, event_type, url, status, payload)",
+                f"{job}, gen_random_uuid(), 'evt_1', 'job.completed', 'https://example.com/hook',"
+                " 'succeeded'",
+                {"data": result},
+            ),
+        )
         async with empty.begin() as connection:
-            await connection.execute(
-                text(
-                    "INSERT INTO jobs (id, status, request, result) VALUES"
-                    " ('00000000-0000-0000-0000-000000000001', 'completed', '{}',"
-                    " CAST(:doc AS jsonb))"
-                ),
-                {"doc": orjson.dumps(result).decode()},
-            )
-            await connection.execute(
-                text(
-                    "INSERT INTO stage_runs (job_id, stage, generation, attempt, status, output)"
-                    " VALUES ('00000000-0000-0000-0000-000000000001', 'seo', 1, 1,"
-                    " 'succeeded', CAST(:doc AS jsonb))"
-                ),
-                {"doc": orjson.dumps(result).decode()},
-            )
-            await connection.execute(
-                text(
-                    "INSERT INTO webhook_deliveries (id, job_id, event_id, event_type, url,"
-                    " payload, status) VALUES (gen_random_uuid(),"
-                    " '00000000-0000-0000-0000-000000000001', 'evt_1', 'job.completed',"
-                    " 'https://example.com/hook', CAST(:doc AS jsonb), 'succeeded')"
-                ),
-                {"doc": orjson.dumps({"data": result}).decode()},
-            )
+            for table, values, document in rows:
+                await connection.execute(
+                    text(f"INSERT INTO {table} VALUES ({values}, CAST(:doc AS jsonb))"),
+                    {"doc": orjson.dumps(document).decode()},
+                )
         before = await asyncio.wait_for(documents(), 30)
         assert [kind for _, kind, _ in before] == ["jsonb"] * 3
 
@@ -228,7 +212,7 @@ async def test_documents_survive_the_move_to_json_and_back(
         ]
         await test_large_json_columns_use_lz4_when_the_server_has_it(empty)
 
-        await asyncio.wait_for(downgrade("0008_broker_notify_available"), 60)
+        await asyncio.wait_for(downgrade(empty, "0008_broker_notify_available"), 60)
         back = await asyncio.wait_for(documents(), 30)
         assert back == before
         await test_large_json_columns_use_lz4_when_the_server_has_it(empty)
