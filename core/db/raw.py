@@ -70,9 +70,10 @@ def _from_jsonb(data: bytes) -> Any:
 async def _init(conn: asyncpg.Connection) -> None:
     # Every hot-path statement finds its rows by key, so the generic plan is the plan:
     # without this, PostgreSQL plans each prepared statement five more times on every new
-    # connection before settling on it (a hand-off's statement takes about a millisecond
-    # to plan). A session setting rather than a startup parameter, which PgBouncer would
-    # refuse; behind it in transaction mode the setting stays with the server connection.
+    # connection before settling on it (5% of its CPU in the concurrency benchmark, where
+    # the hand-offs' CTE statements are the costly ones to plan). A session setting rather
+    # than a startup parameter, which PgBouncer would refuse; behind it in transaction
+    # mode the setting stays with the server connection.
     await conn.execute("SET plan_cache_mode = force_generic_plan")
     # Binary: values go out and come back as UTF-8 bytes, not as str in between.
     for name, encoder, decoder in (("json", _json, orjson.loads), ("jsonb", _jsonb, _from_jsonb)):
