@@ -36,7 +36,12 @@ def plain_url(url: str) -> str:
 
 
 def start_embedded_postgres(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``data_dir/pg``; return its URL."""
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir/pg``; return its URL.
+
+    The server stops when the last process using it exits (embedded-postgres counts
+    them in the data dir): Ctrl-C on ``blogpipe dev`` does not reach it otherwise, since
+    ``pg_ctl`` starts it in a session of its own. A process killed with -9 is never
+    counted out, so the server it used goes on running; the next start reuses it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("XDG_RUNTIME_DIR"):
         # embedded-postgres keeps its lock file in the user runtime dir; give it a private
@@ -49,7 +54,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
     except ImportError as exc:  # pragma: no cover - it is a core dependency
         raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir.resolve() / "pg", cleanup_mode=None)
+    server = embedded_postgres.get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
     uri = server.get_uri("postgres")
     _ensure_database(server, EMBEDDED_DATABASE)
     logger.info(
