@@ -32,6 +32,7 @@ from core.db.engine import create_engine, resolve_database_url
 from core.db.jobs import JobRepository
 from core.db.pipeline import PipelineStore
 from core.dispatch import Dispatcher
+from core.errors import ConfigError
 from core.llm import LLM
 from core.llm.factory import build_llm
 from core.requests import BlogRequest
@@ -249,22 +250,46 @@ class Runtime:
         await self.engine.dispose()
 
 
-def shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` that other processes may bind too
-    (``SO_REUSEPORT``): the kernel spreads new connections over all of them."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+def api_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """The API's socket, bound to ``host:port`` but not yet listening (the server listens
+    when it serves; until then a client is refused, not kept waiting).
+
+    Bound before anything else starts, so a port in use (or a host that is not this
+    machine's) is a ``ConfigError`` naming the setting at once, not a traceback from
+    the server after the database and the stages are up. ``shared``: other processes
+    may bind it too (``SO_REUSEPORT``), and the kernel spreads new connections over
+    all of them."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise _cannot_listen(host, port, exc) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(2048)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise _cannot_listen(host, port, exc) from exc
     sock.setblocking(False)
+    return sock
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    reason = exc.strerror or str(exc)
+    return ConfigError(
+        f"cannot listen on {host}:{port} ({reason}): set PORT (or HOST) to a free address"
+    )
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` that other processes may bind too
+    (``api_socket(shared=True)``, listening)."""
+    sock = api_socket(host, port, shared=True)
+    sock.listen(2048)
     return sock
 
 
@@ -277,8 +302,8 @@ async def serve(
     listening: socket.socket | None = None,
 ) -> None:
     """Serve ``app`` with uvicorn inside the running loop until cancelled; on
-    ``listening`` when given (a socket other ``blogpipe`` processes share, ``blogpipe dev
-    --replicas``), else on ``host:port``."""
+    ``listening`` when given (``api_socket``: bound before start-up, shared with other
+    ``blogpipe`` processes under ``blogpipe dev --replicas``), else on ``host:port``."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -343,15 +368,18 @@ class Pipeline:
         may connect as soon as a replica answers ``/readyz``, before this process serves
         (its connections wait in its backlog until then). Listening only when serving,
         it missed every connection a client opened in that moment: one replica did all
-        the work while the other idled."""
-        runtime = await Runtime.open(self.settings, migrate=self.setup)
-        self.runtime = runtime
-        if self.setup:
-            await runtime.provision()
+        the work while the other idled. The socket is bound before anything else, so a
+        port in use fails start-up at once (``ConfigError``)."""
         listening = None
-        if self.share_port and "api" in self.components:
-            listening = shared_port_socket(self.settings.host, self.settings.port)
+        if "api" in self.components:
+            listening = api_socket(self.settings.host, self.settings.port, shared=self.share_port)
         try:
+            runtime = await Runtime.open(self.settings, migrate=self.setup)
+            self.runtime = runtime
+            if self.setup:
+                await runtime.provision()
+            if self.share_port and listening is not None:
+                listening.listen(2048)
             if before_serving is not None:
                 await before_serving(runtime)
             for stage in STAGES:
@@ -366,7 +394,7 @@ class Pipeline:
             if listening is not None:
                 listening.close()
             raise
-        if "api" in self.components:
+        if listening is not None:
             runtime.spawn(
                 serve(
                     runtime.app(),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,6 +55,31 @@ async def test_invalid_settings_fail_naming_the_variable(variable: str, value: s
     assert result.returncode == 2
     assert variable in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_dev_on_a_port_in_use_fails_at_once_naming_port(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    data_dir = tmp_path / "data"
+    try:
+        result = await run_cli(
+            "dev",
+            env={
+                "DATABASE_URL": "",  # the embedded server, which must not even start
+                "BLOGPIPE_DATA_DIR": str(data_dir),
+                "HOST": "127.0.0.1",
+                "PORT": str(port),
+            },
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
+    assert "set PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (data_dir / "pg").exists()  # it failed before starting PostgreSQL
 
 
 async def test_unknown_stage_is_a_usage_error() -> None:
