@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -181,12 +182,25 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
             f"  {view.get('tokens') or 0:>7}  {(view.get('error') or '')[:60]}"
         )
     for op in history:
+        was = op.get("previous_status")
+        why = _failure_before(document["progress_updates"], op["created_at"])
         print(
             f"{op['created_at']:%Y-%m-%d %H:%M:%S}  {op['action']} by {op['actor']}"
             f"{' from ' + op['from_stage'] if op['from_stage'] else ''}"
             f"{': ' + op['reason'] if op['reason'] else ''} -> generation {op['generation']}"
+            + (f" (was {was}{': ' + why if was == 'failed' and why else ''})" if was else "")
         )
     return 0
+
+
+def _failure_before(updates: Any, when: datetime) -> str | None:
+    """What the job's last failure said before ``when`` (an operation's time): after a
+    replay the stages show the new generation, and this is why the old one stopped."""
+    said = None
+    for update in updates if isinstance(updates, list) else []:
+        if update.get("status") == "failed" and datetime.fromisoformat(update["timestamp"]) < when:
+            said = update.get("details")
+    return said
 
 
 def _dead_letters(rt: Any) -> Any:

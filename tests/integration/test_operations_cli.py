@@ -124,6 +124,31 @@ async def test_cleanup_jobs_cancel_and_replay_commands(
     assert letters.returncode == 0 and "OUTCOME" in letters.stdout
 
 
+async def test_jobs_show_says_why_a_replayed_job_had_failed(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    failed = await add_job(engine, "failed", age_hours=1, stage="draft")
+    reason = "Stage draft failed after 3 attempt(s): OpenAI unreachable or too slow"
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO job_events (job_id, generation, stage, stage_number, total_stages,"
+                " progress_percentage, status, details, created_at) VALUES (:id, 1, 'draft',"
+                " 3, 4, 50, 'failed', :details, now() - interval '1 minute')"
+            ),
+            {"id": failed, "details": reason},
+        )
+    # From research: this job has no earlier stage output to keep.
+    replayed = await blogpipe(
+        database_url, "replay", str(failed), "--from", "research", "--reason", "LLM is back"
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    shown = await blogpipe(database_url, "jobs", "show", str(failed))
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if "replay by cli:" in line)
+    assert line.endswith(f"from research: LLM is back -> generation 2 (was failed: {reason})"), line
+
+
 async def test_sweeper_redrives_then_fails_a_stuck_job(
     engine: AsyncEngine, store: PipelineStore
 ) -> None:
