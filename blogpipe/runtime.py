@@ -285,14 +285,6 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
     )
 
 
-def shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` that other processes may bind too
-    (``api_socket(shared=True)``, listening)."""
-    sock = api_socket(host, port, shared=True)
-    sock.listen(2048)
-    return sock
-
-
 async def serve(
     app: Starlette,
     host: str,

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from blogpipe.cli import main
-from blogpipe.runtime import api_socket, shared_port_socket
+from blogpipe.runtime import api_socket
 from core.errors import ConfigError
 
 
@@ -30,9 +30,9 @@ def test_bad_process_counts_are_refused_naming_the_flag(
 
 
 def test_replicas_bind_one_port_and_others_cannot_take_it_unasked() -> None:
-    first = shared_port_socket("127.0.0.1", 0)
+    first = api_socket("127.0.0.1", 0, shared=True)
     port = first.getsockname()[1]
-    second = shared_port_socket("127.0.0.1", port)
+    second = api_socket("127.0.0.1", port, shared=True)
     plain = socket.socket()
     try:
         assert second.getsockname()[1] == port
