@@ -287,23 +287,21 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
 
 async def serve(
     app: Starlette,
-    host: str,
-    port: int,
+    listening: socket.socket,
     *,
     ready: Callable[[], None] | None = None,
-    listening: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` with uvicorn inside the running loop until cancelled; on
-    ``listening`` when given (``api_socket``: bound before start-up, shared with other
-    ``blogpipe`` processes under ``blogpipe dev --replicas``), else on ``host:port``."""
+    """Serve ``app`` with uvicorn inside the running loop until cancelled, on
+    ``listening`` (``api_socket``: bound before start-up, shared with other ``blogpipe``
+    processes under ``blogpipe dev --replicas``)."""
     import uvicorn
 
+    host, port = listening.getsockname()[:2]
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    sockets = [listening] if listening is not None else None
-    task = asyncio.ensure_future(server.serve(sockets=sockets))
+    task = asyncio.ensure_future(server.serve(sockets=[listening]))
     try:
         while not server.started:
             if task.done():
@@ -388,13 +386,7 @@ class Pipeline:
             raise
         if listening is not None:
             runtime.spawn(
-                serve(
-                    runtime.app(),
-                    self.settings.host,
-                    self.settings.port,
-                    ready=self._started.set,
-                    listening=listening,
-                ),
+                serve(runtime.app(), listening, ready=self._started.set),
                 "api",
             )
             await asyncio.wait_for(self._wait_started(), timeout=30)
